@@ -1,0 +1,1 @@
+from gems.version import __version__

@@ -1,0 +1,387 @@
+"""GemsOptimizer: multi-subspace gradient tuning as a wrapper around any torch optimizer."""
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from gems import distributed, reference
+from gems.dispatch import resolve_backend
+from gems.refresh import REFRESH_METHODS
+from gems.subspaces import SHARED, WeightSubspaces, clamp_report
+from gems.targets import TargetSpec, select_linear_modules, unwrap
+from gems.tasks import TaskGradients, compute_gates, validate_gating, validate_tasks
+
+FORMAT_VERSION = 1
+TASK_BASES = ("residual", "independent")
+
+
+class GemsOptimizer(torch.optim.Optimizer):
+    """Wraps ``inner`` (any torch optimizer instance) so that every targeted weight is trained in a shared
+    low-rank subspace plus one low-rank subspace per task.
+
+    The inner optimizer keeps its own class, hyper-parameters, param groups, schedulers and state: its
+    targeted weights are replaced by small coordinate tensors (one per subspace), and GEMS maps the inner
+    optimizer's coordinate updates back onto the weights. Parameters that are not targeted (embeddings,
+    norms, biases, the LM head) get the inner optimizer's ordinary update on the shared gradient.
+
+    Weight decay of a targeted weight is decoupled and applied by GEMS to the full weight, using the
+    ``weight_decay`` and ``lr`` of the weight's param group, whatever the inner class (for Adam, SGD and
+    the like that means decoupled decay instead of their L2 term). The inner optimizer sees coordinates
+    that are zero before each of its steps: optimizers whose step depends on the parameter's value see
+    zero (Adafactor's relative step size falls to its floor eps2·ρ_t, LAMB-style trust ratios degenerate),
+    so prefer optimizers whose update depends on gradients only.
+    """
+
+    def __init__(
+        self,
+        inner: torch.optim.Optimizer,
+        *,
+        model: nn.Module | None = None,
+        tasks: Sequence[str] | None = None,
+        rank: int = 128,
+        task_rank: int | None = None,
+        update_proj_gap: int = 200,
+        scale: float = 1.0,
+        proj_type: str = "std",
+        task_basis: str = "residual",
+        gating: str | Mapping[str, float] = "heuristic",
+        target_modules: TargetSpec = None,
+        backend: str | None = "torch",
+        refresh: str = "svd",
+        seed: int = 0,
+        sync: str = "auto",
+    ) -> None:
+        if not isinstance(inner, torch.optim.Optimizer):
+            raise TypeError(f"inner must be a torch.optim.Optimizer instance, got {type(inner).__name__}")
+        if isinstance(inner, GemsOptimizer):
+            raise TypeError("inner is already a GemsOptimizer")
+        self.tasks = validate_tasks(tasks)
+        self.single_task = len(self.tasks) == 1
+        if task_rank is None:
+            task_rank = 0 if self.single_task else max(rank // 2, 1)
+        for name, value, low in (("rank", rank, 1), ("task_rank", task_rank, 0), ("update_proj_gap", update_proj_gap, 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an integer ≥ {low}, got {value!r}")
+        if not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+            raise ValueError(f"scale must be a positive finite number, got {scale!r}")
+        reference.side_for((2, 1), proj_type)  # validates proj_type
+        if task_basis not in TASK_BASES:
+            raise ValueError(f"task_basis must be one of {TASK_BASES}, got {task_basis!r}")
+        if refresh not in REFRESH_METHODS:
+            raise ValueError(f"refresh must be one of {REFRESH_METHODS}, got {refresh!r}")
+        if sync not in ("auto", "none"):
+            raise ValueError(f"sync must be 'auto' or 'none', got {sync!r}")
+
+        self.inner = inner
+        self.rank, self.task_rank, self.update_proj_gap, self.scale = rank, task_rank, update_proj_gap, float(scale)
+        self.proj_type, self.task_basis, self.refresh_method = proj_type, task_basis, refresh
+        self.gating = validate_gating(gating, self.tasks)
+        self.seed, self.sync = int(seed), sync
+        self.backend_request = backend
+        self._task_grads = TaskGradients(self.tasks)
+        self.last_gates: dict[str, float] = {t: 1.0 / len(self.tasks) for t in self.tasks}
+        self.last_skipped: list[str] = []
+
+        # torch.optim.Optimizer plumbing (hooks, profiling) without a second set of param groups.
+        self._optimizer_step_pre_hooks = {}
+        self._optimizer_step_post_hooks = {}
+        self._optimizer_state_dict_pre_hooks = {}
+        self._optimizer_state_dict_post_hooks = {}
+        self._optimizer_load_state_dict_pre_hooks = {}
+        self._optimizer_load_state_dict_post_hooks = {}
+        self._patch_step_function()
+
+        self._subspaces = self._build_subspaces(model, target_modules)
+        clamp_report(self._subspaces, rank, task_rank)
+        self._install_coordinates()
+        devices = {w.param.device.type for w in self._subspaces} or {"cpu"}
+        self.backend = resolve_backend(backend, device_type="cuda" if "cuda" in devices else "cpu")
+
+    # ----------------------------------------------------------------------------------------------
+    # construction
+    def _inner_params(self) -> list[Tensor]:
+        return [p for g in self.inner.param_groups for p in g["params"]]
+
+    def _build_subspaces(self, model: nn.Module | None, target_modules: TargetSpec) -> list[WeightSubspaces]:
+        held = {id(p): p for p in self._inner_params()}
+        if model is not None:
+            model = unwrap(model)
+            modules = select_linear_modules(model, target_modules)
+            named = [(f"{n}.weight", m.weight) for n, m in modules]
+        else:
+            if target_modules is not None:
+                raise ValueError("target_modules needs model=")
+            names = {}
+            named = [(names.setdefault(id(p), f"param{i}"), p) for i, p in enumerate(self._inner_params()) if p.dim() == 2]
+        chosen, seen = [], set()
+        for name, p in named:
+            if id(p) in seen or id(p) not in held or not p.requires_grad:
+                continue  # frozen, shared (tied) twice, or not given to the inner optimizer: GEMS leaves it alone
+            seen.add(id(p))
+            chosen.append(WeightSubspaces.create(len(chosen), name, p, tasks=self.tasks, rank=self.rank,
+                                                 task_rank=self.task_rank, proj_type=self.proj_type,
+                                                 task_basis=self.task_basis))
+        if not chosen:
+            raise ValueError("GEMS found no trainable 2-D weight held by the inner optimizer to project")
+        return chosen
+
+    def _install_coordinates(self) -> None:
+        """Replace each targeted weight in the inner optimizer by its coordinate tensors, in place, so the
+        number and order of param groups (what LR schedulers and state dicts key on) stay the same."""
+        by_id = {id(w.param): w for w in self._subspaces}
+        for group in self.inner.param_groups:
+            params = []
+            for p in group["params"]:
+                w = by_id.get(id(p))
+                if w is None:
+                    params.append(p)
+                    continue
+                self.inner.state.pop(p, None)
+                w.group = group
+                params.extend(w.coords[s] for s in w.subspaces())
+            group["params"] = params
+        coord_ids = {id(c) for w in self._subspaces for c in w.coords.values()}
+        self._plain_params = [p for p in self._inner_params() if id(p) not in coord_ids]
+        self._all_params = [w.param for w in self._subspaces] + self._plain_params
+
+    # ----------------------------------------------------------------------------------------------
+    # torch.optim.Optimizer surface
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return self.inner.param_groups
+
+    @param_groups.setter
+    def param_groups(self, value) -> None:
+        self.inner.param_groups = value
+
+    @property
+    def state(self):
+        return self.inner.state
+
+    @state.setter
+    def state(self, value) -> None:
+        self.inner.state = value
+
+    @property
+    def defaults(self) -> dict[str, Any]:
+        return self.inner.defaults
+
+    @defaults.setter
+    def defaults(self, value) -> None:
+        self.inner.defaults = value
+
+    def __getstate__(self) -> dict[str, Any]:  # Optimizer's keeps only three keys; GEMS needs all
+        return self.__dict__.copy()
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._patch_step_function()
+
+    def __repr__(self) -> str:
+        shapes = sorted({tuple(w.param.shape) for w in self._subspaces})
+        return (f"GemsOptimizer(tasks={self.tasks}, rank={self.rank}, task_rank={self.task_rank}, "
+                f"update_proj_gap={self.update_proj_gap}, scale={self.scale}, proj_type={self.proj_type!r}, "
+                f"task_basis={self.task_basis!r}, gating={self.gating!r}, backend={self.backend!r}, "
+                f"targeted_weights={len(self._subspaces)}, shapes={shapes},\n  inner={self.inner!r})")
+
+    @property
+    def subspaces(self) -> list[WeightSubspaces]:
+        """Per targeted weight: name, side, ranks, bases and step (read-only view for tools and tests)."""
+        return list(self._subspaces)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear the stashed task gradients and every parameter's ``.grad``."""
+        self._task_grads.clear()
+        for p in self._all_params:
+            if p.grad is not None:
+                if set_to_none:
+                    p.grad = None
+                else:
+                    p.grad.detach_().zero_()
+        for w in self._subspaces:
+            for c in w.coords.values():
+                c.grad = None
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        raise NotImplementedError("add the group to the inner optimizer before wrapping it in GemsOptimizer")
+
+    # ----------------------------------------------------------------------------------------------
+    # gradients
+    def backward(self, losses: Mapping[str, Tensor], num_samples: Mapping[str, float] | None = None, *,
+                 retain_graph: bool = False) -> None:
+        """Compute and stash each task's gradient (accumulating over calls until ``step``/``zero_grad``).
+
+        ``num_samples[t]`` is the number of samples behind task t's (mean) loss in this call; the shared
+        gradient is Σ_t (N_t / N)·G_t, the gradient a mixed batch would give. Omitted: equal weights."""
+        counts = self._task_grads.check_inputs(losses, num_samples)
+        params = [p for p in self._all_params if p.requires_grad]
+        for i, t in enumerate(self.tasks):
+            keep = retain_graph or i < len(self.tasks) - 1  # the task losses may share one forward graph
+            grads = torch.autograd.grad(losses[t], params, retain_graph=keep, allow_unused=True)
+            self._task_grads.add(t, params, grads, float(losses[t].detach()), counts[t])
+        self._task_grads.calls += 1
+
+    def _gather_gradients(self) -> tuple[dict[int, list[Tensor | None]], list[float]]:
+        """Per targeted weight (by id) its task gradients, and the shared-gradient weights w_t.
+
+        Also sets ``.grad`` of every non-targeted parameter to its shared gradient for the inner step."""
+        stash = self._task_grads
+        if stash.empty:
+            if not self.single_task and any(w.param.grad is not None for w in self._subspaces):
+                raise RuntimeError(f"GEMS has {len(self.tasks)} tasks: call opt.backward({{task: loss}}) "
+                                   "instead of loss.backward() so each task's gradient is known")
+            return {id(w.param): [w.param.grad] for w in self._subspaces}, [1.0]
+        if distributed.should_sync(self.sync):
+            distributed.all_reduce_task_gradients(stash, self._all_params)
+        weights = stash.shared_weights()
+        per_weight = {}
+        for w in self._subspaces:
+            per_weight[id(w.param)] = [stash.grads[t].get(id(w.param)) for t in self.tasks]
+        for p in self._plain_params:
+            grads = [stash.grads[t].get(id(p)) for t in self.tasks]
+            if all(g is None for g in grads):
+                p.grad = None
+                continue
+            combined = reference.shared_gradient([g if g is not None else torch.zeros_like(p) for g in grads], weights)
+            p.grad = combined.to(p.dtype)
+        return per_weight, weights
+
+    def _gates(self, per_weight: dict[int, list[Tensor | None]]) -> list[float]:
+        if self.single_task or not isinstance(self.gating, str) or self.gating == "uniform":
+            return compute_gates(self.gating, self.tasks, None, None, None)
+        sq = [0.0] * len(self.tasks)
+        for grads in per_weight.values():
+            for i, g in enumerate(grads):
+                if g is not None:
+                    sq[i] += float(g.float().pow(2).sum())
+        norms = [math.sqrt(s) for s in sq]
+        return compute_gates(self.gating, self.tasks, self._task_grads.mean_losses(), norms,
+                             [self._task_grads.samples[t] for t in self.tasks])
+
+    # ----------------------------------------------------------------------------------------------
+    # the step
+    def _generator(self, w: WeightSubspaces) -> torch.Generator:
+        return torch.Generator().manual_seed(self.seed * 1_000_003 + w.index * 7919 + w.step)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None):
+        """One GEMS step: refresh bases every ``update_proj_gap`` steps, project every task gradient, run
+        the inner optimizer on all coordinates (and on the non-targeted parameters), map back, decay.
+
+        A weight whose gradient is not finite is skipped (no refresh, no inner step, no decay; weight and
+        state untouched) and listed in ``opt.last_skipped`` with a warning."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        per_weight, shared_w = self._gather_gradients()
+        gates = self._gates(per_weight)
+        self.last_gates = dict(zip(self.tasks, gates))
+        skipped: list[str] = []
+        active: list[WeightSubspaces] = []
+        refreshed: list[WeightSubspaces] = []
+        inputs: dict[int, tuple[Tensor, list[Tensor]]] = {}
+        for w in self._subspaces:
+            for c in w.coords.values():
+                c.grad = None
+            grads = per_weight.get(id(w.param))
+            if grads is None or all(g is None for g in grads):
+                continue  # no gradient at all: like torch, the weight is not stepped
+            grads = [g if g is not None else torch.zeros_like(w.param) for g in grads]
+            if not all(bool(torch.isfinite(g).all()) for g in grads):
+                skipped.append(w.name)
+                continue
+            shared = reference.shared_gradient(grads, shared_w) if len(grads) > 1 else grads[0].float()
+            if w.step % self.update_proj_gap == 0:
+                w.refresh(shared, dict(zip(self.tasks, grads)), task_basis=self.task_basis,
+                          method=self.refresh_method, generator=self._generator(w))
+                refreshed.append(w)
+            inputs[w.index] = (shared, grads)
+            active.append(w)
+        if refreshed and distributed.should_sync(self.sync):
+            distributed.broadcast_bases(refreshed)
+        for w in active:
+            shared, grads = inputs.pop(w.index)
+            for s in w.subspaces():
+                g = shared if s == SHARED else grads[self.tasks.index(s)].float()
+                w.coords[s].grad = reference.project(g, w.bases[s], w.side)
+        for p in self._plain_params:
+            if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
+                skipped.append(self._plain_name(p))
+                p.grad = None
+        self.inner.step()
+        for w in active:
+            self._apply(w, gates)
+        self.last_skipped = skipped
+        if skipped:
+            warnings.warn(f"GEMS skipped {len(skipped)} parameter(s) with non-finite gradients this step "
+                          f"(weights and state untouched): {', '.join(skipped[:8])}", RuntimeWarning, stacklevel=2)
+        self._task_grads.clear()
+        return loss
+
+    def _plain_name(self, p: Tensor) -> str:
+        return f"param{next(i for i, q in enumerate(self._plain_params) if q is p)} {tuple(p.shape)}"
+
+    def _apply(self, w: WeightSubspaces, gates: list[float]) -> None:
+        update = None
+        for s in w.subspaces():
+            coeff = self.scale if s == SHARED else self.scale * gates[self.tasks.index(s)]
+            part = reference.project_back(w.coords[s], w.bases[s], w.side)
+            update = part.mul_(coeff) if update is None else update.add_(part, alpha=coeff)
+            w.coords[s].zero_()
+            w.coords[s].grad = None
+        group = w.group
+        lr = float(group["lr"])
+        reference.apply_update(w.param, update, lr=lr, weight_decay=float(group.get("weight_decay", 0.0)))
+        w.step += 1
+
+    # ----------------------------------------------------------------------------------------------
+    # checkpoints
+    def _config(self) -> dict[str, Any]:
+        return {"tasks": list(self.tasks), "rank": self.rank, "task_rank": self.task_rank,
+                "update_proj_gap": self.update_proj_gap, "scale": self.scale, "proj_type": self.proj_type,
+                "task_basis": self.task_basis, "refresh": self.refresh_method,
+                "gating": dict(self.gating) if isinstance(self.gating, dict) else self.gating}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Tensors and plain values only: loads with ``torch.load(weights_only=True)``."""
+        weights = []
+        for w in self._subspaces:
+            weights.append({"name": w.name, "shape": list(w.param.shape), "side": w.side, "ranks": dict(w.ranks),
+                            "step": torch.tensor(w.step, dtype=torch.int64),
+                            "bases": {s: b.clone() for s, b in w.bases.items() if b is not None}})
+        return {"format_version": FORMAT_VERSION, "config": self._config(), "seed": self.seed,
+                "last_gates": dict(self.last_gates), "weights": weights, "inner": self.inner.state_dict()}
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Restore bases, steps and the inner optimizer's state; bases and coordinate moments stay fp32."""
+        version = int(state_dict.get("format_version", 1))
+        if version > FORMAT_VERSION:
+            raise ValueError(f"this GEMS state dict has format_version {version}; this gems reads ≤ {FORMAT_VERSION}. "
+                             "Upgrade gems to load it.")
+        config = state_dict.get("config", {})
+        if config.get("tasks", self.tasks) != self.tasks:
+            raise ValueError(f"state dict was saved for tasks {config['tasks']}, this optimizer has {self.tasks}")
+        saved = state_dict["weights"]
+        if len(saved) != len(self._subspaces):
+            raise ValueError(f"state dict has {len(saved)} targeted weights, this optimizer {len(self._subspaces)}: "
+                             "build it with the same model, target_modules and inner param groups")
+        for w, s in zip(self._subspaces, saved):
+            if list(s["shape"]) != list(w.param.shape) or s.get("side", w.side) != w.side:
+                raise ValueError(f"state dict weight {s.get('name')} {tuple(s['shape'])} does not match "
+                                 f"{w.name} {tuple(w.param.shape)} (side {w.side})")
+            if "ranks" in s and dict(s["ranks"]) != w.ranks:
+                raise ValueError(f"{w.name}: saved ranks {dict(s['ranks'])} differ from {w.ranks}")
+        self.inner.load_state_dict(state_dict["inner"])
+        for w, s in zip(self._subspaces, saved):
+            w.step = int(s["step"])
+            for name in w.bases:
+                b = s["bases"].get(name)
+                w.bases[name] = None if b is None else b.to(device=w.param.device, dtype=torch.float32).clone()
+        self.seed = int(state_dict.get("seed", self.seed))
+        self.last_gates = dict(state_dict.get("last_gates", self.last_gates))

@@ -1,0 +1,88 @@
+"""One targeted weight's subspaces: ranks, bases, and the coordinate tensors the inner optimizer updates."""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from gems import reference
+from gems.refresh import compute_basis
+
+SHARED = "shared"
+
+
+@dataclass
+class WeightSubspaces:
+    """GEMS state of one weight W (m×n).
+
+    ``coords[s]`` is a zero fp32 tensor handed to the inner optimizer as a parameter; each step its
+    gradient is the projected gradient and its value after the inner step is the update δ in that subspace
+    (then it is zeroed again, so the inner optimizer's own weight decay acts on zero: gems owns decay)."""
+
+    index: int
+    name: str
+    param: Tensor
+    side: str
+    ranks: dict[str, int]
+    coords: dict[str, Tensor] = field(default_factory=dict)
+    bases: dict[str, Tensor | None] = field(default_factory=dict)
+    step: int = 0
+    group: dict | None = None  # the inner param group the weight came from (lr, weight_decay)
+
+    @classmethod
+    def create(cls, index: int, name: str, param: Tensor, *, tasks, rank: int, task_rank: int, proj_type: str,
+               task_basis: str) -> "WeightSubspaces":
+        if param.dim() != 2:
+            raise ValueError(f"{name}: GEMS projects 2-D weights only, got shape {tuple(param.shape)}")
+        side = reference.side_for(param.shape, proj_type)
+        m, n = param.shape
+        full = min(m, n)
+        r_sh = min(rank, full)
+        room = reference.side_dim(param.shape, side) - r_sh if task_basis == "residual" else full
+        r_t = min(task_rank, full, room)
+        ranks = {SHARED: r_sh, **{t: r_t for t in tasks}}
+        ws = cls(index=index, name=name, param=param, side=side, ranks=ranks)
+        for s, r in ranks.items():
+            ws.bases[s] = None
+            if r > 0:
+                shape = reference.coord_shape(param.shape, side, r)
+                ws.coords[s] = torch.zeros(shape, dtype=torch.float32, device=param.device)
+        return ws
+
+    def subspaces(self) -> list[str]:
+        """Subspaces with a positive rank, shared first then tasks in order."""
+        return [s for s, r in self.ranks.items() if r > 0]
+
+    def refresh(self, shared_grad: Tensor, task_grads: dict[str, Tensor], *, task_basis: str, method: str,
+                generator: torch.Generator) -> None:
+        """New bases from this step's gradients: B_sh from the shared gradient, B_t from G_t (residual mode:
+        from the part of G_t outside span(B_sh), and orthonormalised against B_sh)."""
+        b_sh = compute_basis(shared_grad, self.ranks[SHARED], self.side, method=method,
+                             previous=self.bases.get(SHARED), generator=generator)
+        self.bases[SHARED] = b_sh
+        for t, g in task_grads.items():
+            r = self.ranks[t]
+            if r == 0:
+                continue
+            g = g.float()
+            if task_basis == "residual":
+                resid = reference.remove_component(g, b_sh, self.side)
+                b = compute_basis(resid, r, self.side, method=method, previous=self.bases.get(t), generator=generator)
+                b = reference.orthonormalize_against(b, b_sh, generator)
+            else:
+                b = compute_basis(g, r, self.side, method=method, previous=self.bases.get(t), generator=generator)
+            self.bases[t] = b
+
+
+def clamp_report(subspaces: list[WeightSubspaces], rank: int, task_rank: int) -> None:
+    """Warn once about every weight whose ranks were cut to fit the matrix."""
+    cut = [f"{w.name} {tuple(w.param.shape)}: shared {w.ranks[SHARED]}"
+           + ("" if len(w.ranks) == 1 else f", task {next(r for s, r in w.ranks.items() if s != SHARED)}")
+           for w in subspaces
+           if w.ranks[SHARED] < rank or any(r < task_rank for s, r in w.ranks.items() if s != SHARED)]
+    if cut:
+        warnings.warn(f"GEMS ranks clamped to fit the matrices (rank={rank}, task_rank={task_rank}): "
+                      + "; ".join(cut[:10]) + (f" and {len(cut) - 10} more" if len(cut) > 10 else ""),
+                      stacklevel=3)

@@ -1,0 +1,119 @@
+"""Per-task gradients: how ``GemsOptimizer.backward`` collects them and how tasks are weighted.
+
+The shared gradient is derived, never computed by an extra backward pass: when each task loss is a mean
+over its N_t samples, the gradient of the mixed-batch mean loss is Σ_t (N_t / N)·G_t."""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from gems import reference
+
+GATINGS = ("heuristic", "uniform")
+
+
+def validate_tasks(tasks: Sequence[str] | None) -> list[str]:
+    if tasks is None:
+        return ["default"]
+    if isinstance(tasks, str):
+        raise TypeError("tasks must be a list of task names, e.g. ['search', 'rec'], not a string")
+    tasks = list(tasks)
+    if not tasks:
+        raise ValueError("tasks must name at least one task")
+    for t in tasks:
+        if not isinstance(t, str) or not t:
+            raise TypeError(f"task names must be non-empty strings, got {t!r}")
+        if t == "shared":
+            raise ValueError("'shared' is reserved for the shared subspace; rename that task")
+    if len(set(tasks)) != len(tasks):
+        raise ValueError(f"task names must be unique, got {tasks}")
+    return tasks
+
+
+def validate_gating(gating, tasks: Sequence[str]):
+    if isinstance(gating, str):
+        if gating not in GATINGS:
+            raise ValueError(f"gating must be one of {GATINGS} or a dict of fixed weights, got {gating!r}")
+        return gating
+    if isinstance(gating, Mapping):
+        if set(gating) != set(tasks):
+            raise ValueError(f"fixed gates must name exactly the tasks {list(tasks)}, got {sorted(gating)}")
+        values = {t: float(gating[t]) for t in tasks}
+        if any(not math.isfinite(v) or v < 0 for v in values.values()) or sum(values.values()) <= 0:
+            raise ValueError(f"fixed gates must be finite, non-negative and not all zero, got {values}")
+        return values
+    raise TypeError(f"gating must be a string or a dict, got {type(gating).__name__}")
+
+
+class TaskGradients:
+    """Per-task gradient sums over micro-batches, with the loss and sample counts the gates need."""
+
+    def __init__(self, tasks: Sequence[str]):
+        self.tasks = list(tasks)
+        self.clear()
+
+    def clear(self) -> None:
+        self.grads: dict[str, dict[int, Tensor]] = {t: {} for t in self.tasks}
+        self.loss_sum = {t: 0.0 for t in self.tasks}
+        self.samples = {t: 0.0 for t in self.tasks}
+        self.calls = 0
+
+    @property
+    def empty(self) -> bool:
+        return self.calls == 0
+
+    def check_inputs(self, losses: Mapping[str, Tensor], num_samples) -> dict[str, float]:
+        if not isinstance(losses, Mapping):
+            raise TypeError("opt.backward takes a dict {task name: scalar loss}")
+        unknown = sorted(set(losses) - set(self.tasks))
+        missing = [t for t in self.tasks if t not in losses]
+        if unknown or missing:
+            raise KeyError(f"losses must name exactly the tasks {self.tasks}: unknown {unknown}, missing {missing}")
+        for t, loss in losses.items():
+            if not isinstance(loss, Tensor) or loss.numel() != 1:
+                raise ValueError(f"loss of task {t!r} must be a scalar tensor")
+            if not loss.requires_grad:
+                raise ValueError(f"loss of task {t!r} does not require grad (computed under no_grad, or detached?)")
+        if num_samples is None:
+            return {t: 1.0 for t in self.tasks}
+        if not isinstance(num_samples, Mapping) or set(num_samples) != set(self.tasks):
+            raise KeyError(f"num_samples must be a dict naming exactly the tasks {self.tasks}")
+        counts = {t: float(num_samples[t]) for t in self.tasks}
+        if any(not math.isfinite(c) or c < 0 for c in counts.values()) or sum(counts.values()) <= 0:
+            raise ValueError(f"num_samples must be finite, non-negative and not all zero, got {counts}")
+        return counts
+
+    def add(self, task: str, params: Sequence[Tensor], grads: Sequence[Tensor | None], loss: float, samples: float):
+        stash = self.grads[task]
+        for p, g in zip(params, grads):
+            if g is None:
+                continue
+            key = id(p)
+            if key in stash:
+                stash[key].add_(g)
+            else:
+                stash[key] = g.detach().clone(memory_format=torch.contiguous_format)
+        self.loss_sum[task] += loss
+        self.samples[task] += samples
+
+    def shared_weights(self) -> list[float]:
+        total = sum(self.samples.values())
+        return [self.samples[t] / total for t in self.tasks]
+
+    def mean_losses(self) -> list[float]:
+        calls = max(self.calls, 1)
+        return [self.loss_sum[t] / calls for t in self.tasks]
+
+
+def compute_gates(gating, tasks: Sequence[str], losses, grad_norms, samples) -> list[float]:
+    """Gate g_t of every task subspace, summing to 1 (heuristic and uniform) or as fixed by the user."""
+    if len(tasks) == 1:
+        return [1.0] if not isinstance(gating, dict) else [gating[tasks[0]]]
+    if gating == "uniform":
+        return [1.0 / len(tasks)] * len(tasks)
+    if gating == "heuristic":
+        return reference.heuristic_gates(losses, grad_norms, samples)
+    return [gating[t] for t in tasks]

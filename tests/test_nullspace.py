@@ -195,14 +195,17 @@ def test_target_filters():
     assert list(resolve_targets(model, ["^2$"])) == ["2"]
     assert list(resolve_targets(model, "0")) == ["0"]
     assert list(resolve_targets(model, lambda n, m: m.out_features == 8)) == ["2"]
-    with pytest.raises(ValueError, match="matched no module"):
-        resolve_targets(model, ["q_proj"])
-    with pytest.raises(ValueError, match="matched no nn.Linear"):
-        resolve_targets(model, ["1"])  # the ReLU
-    with pytest.raises(ValueError, match="matched no module"):
+    for spec in (["q_proj"], ["1"], lambda n, m: False):  # "1" is the ReLU: not an nn.Linear
+        with pytest.raises(ValueError, match="matches no nn.Linear"):
+            resolve_targets(model, spec)
+    with pytest.raises(ValueError, match="matches no nn.Linear"):
         NullSpace.calibrate(model, [torch.randn(2, 16)], target_modules=["nothing"])
-    with pytest.raises(ValueError, match="matched no"):
-        resolve_targets(model, lambda n, m: False)
+    # same selection as the optimizer's, and DDP-style wrappers are unwrapped
+    from gems.targets import select_linear_modules
+
+    wrapper = nn.Module()
+    wrapper.module = model
+    assert list(resolve_targets(wrapper)) == [n for n, _ in select_linear_modules(model)] == ["0", "2"]
 
 
 def test_default_targets_skip_lm_head_and_tied_head():

@@ -38,7 +38,6 @@ import json
 import logging
 import math
 import os
-import re
 import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -48,6 +47,7 @@ import torch
 from torch import Tensor, nn
 
 from gems.errors import GemsError, MissingResourceError
+from gems.targets import select_linear_modules, unwrap
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ PROTECT_SIDES = ("input", "output", "weight")
 MODES = ("absolute", "energy", "topk")
 _SPECTRUM_PREFIX = "__spectrum__."
 
-TargetFilter = Union[None, str, Sequence[str], Callable[[str, nn.Module], bool]]
+TargetFilter = Union[None, str, Sequence[str], Callable[[str, nn.Module], bool]]  # = gems.targets.TargetSpec
 
 __all__ = [
     "NullSpace",
@@ -125,68 +125,16 @@ def select_rank(spectrum: Tensor, threshold: float, mode: str, *, energy: Tensor
     return min(int((cum < need).sum().item()) + 1, d)
 
 
-def _is_lm_head(name: str, module: nn.Module, embedding_weights: set[int]) -> bool:
-    if name.split(".")[-1] == "lm_head":
-        return True
-    return id(module.weight) in embedding_weights
-
-
-def _embedding_weight_ids(model: nn.Module) -> set[int]:
-    ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    get = getattr(model, "get_input_embeddings", None)
-    if callable(get):
-        try:
-            emb = get()
-        except (NotImplementedError, AttributeError):
-            emb = None
-        if emb is not None and getattr(emb, "weight", None) is not None:
-            ids.add(id(emb.weight))
-    return ids
-
-
-def _pattern_matches(pattern: str, name: str) -> bool:
-    if pattern in name:
-        return True
-    try:
-        return re.search(pattern, name) is not None
-    except re.error:
-        return False
-
-
 def resolve_targets(model: nn.Module, target_modules: TargetFilter = None) -> dict[str, nn.Linear]:
-    """The ``nn.Linear`` modules a filter selects, by qualified name (in ``model.named_modules`` order).
+    """The ``nn.Linear`` modules a filter selects, by qualified name (``named_modules`` order), with the
+    same rule :class:`gems.GemsOptimizer` uses (:func:`gems.targets.select_linear_modules`), so the same
+    ``target_modules`` selects the same weights in both; DDP-style ``.module`` wrappers are unwrapped.
 
-    ``None``: every ``nn.Linear`` except an LM head (a module named ``lm_head`` or whose weight is an input
-    embedding's weight). A string or a list of strings: modules whose name contains one of them or matches
-    it as a regular expression (``re.search``). A callable ``(name, module) -> bool``, called on the
-    ``nn.Linear`` modules only. A filter that
-    selects nothing raises ``ValueError`` (as does one that selects only modules that are not
-    ``nn.Linear``)."""
-    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-    if target_modules is None:
-        emb = _embedding_weight_ids(model)
-        out = {n: m for n, m in linears.items() if not _is_lm_head(n, m, emb)}
-        if not out:
-            raise ValueError("the model has no nn.Linear module (other than an LM head) to protect")
-        return out
-    if callable(target_modules):
-        chosen = {n: m for n, m in linears.items() if target_modules(n, m)}
-        desc = getattr(target_modules, "__name__", repr(target_modules))
-    else:
-        patterns = [target_modules] if isinstance(target_modules, str) else list(target_modules)
-        if not patterns or not all(isinstance(p, str) for p in patterns):
-            raise ValueError(f"target_modules must be None, a string, a list of strings or a callable, "
-                             f"got {target_modules!r}")
-        chosen = {n: m for n, m in model.named_modules() if n and any(_pattern_matches(p, n) for p in patterns)}
-        desc = repr(patterns)
-    out = {n: m for n, m in chosen.items() if isinstance(m, nn.Linear)}
-    if not out:
-        if chosen:
-            raise ValueError(f"target_modules {desc} matched no nn.Linear module (only "
-                             f"{sorted(chosen)[:5]}{'...' if len(chosen) > 5 else ''})")
-        raise ValueError(f"target_modules {desc} matched no module of the model "
-                         f"(nn.Linear names look like {sorted(linears)[:3]})")
-    return out
+    ``None``: every ``nn.Linear`` except an LM head (a module named ``lm_head`` or whose weight is an
+    embedding's weight). A string or a list of strings: regular expressions searched in module names (a
+    plain substring works). A callable ``(name, module) -> bool``, called on the ``nn.Linear`` modules. A
+    filter that selects nothing raises ``ValueError`` (the authors' code silently protected nothing)."""
+    return dict(select_linear_modules(unwrap(model), target_modules))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -505,7 +453,7 @@ class NullSpace:
     def check_compatible(self, model: nn.Module) -> None:
         """Raises :class:`IncompatibleNullSpaceError` naming the first module that is missing from ``model``,
         is not an ``nn.Linear``, or whose weight shape differs from the one calibrated."""
-        mods = dict(model.named_modules())
+        mods = dict(unwrap(model).named_modules())
         for name, q in self._bases.items():
             mod = mods.get(name)
             if mod is None:

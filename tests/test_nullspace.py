@@ -409,5 +409,7 @@ def test_constructor_accessors_and_to():
     assert "partial=1" in repr(ns)
     with pytest.raises(ValueError):
         NullSpace({"a": torch.zeros(3, 5)})
+    with pytest.raises(ValueError, match="orthonormal"):
+        NullSpace({"a": 2 * torch.eye(4)[:, :2]})
     with pytest.raises(ValueError):
         NullSpace({"a": torch.zeros(3, 1)}, side="left")

@@ -214,7 +214,8 @@ def _status(k: int, d: int) -> str:
 class NullSpace:
     """Protected bases ``Q`` (d×k, orthonormal columns, fp32), one per module, and what they came from.
 
-    Build with :meth:`calibrate` (or :meth:`load`); or directly from a ``{name: Q}`` mapping. A module whose
+    Build with :meth:`calibrate` (or :meth:`load`); or directly from a ``{name: Q}`` mapping of module names
+    to orthonormal d×k bases (checked unless ``check=False``). A module whose
     ``Q`` has 0 columns protects nothing (its updates are unconstrained); one with ``k = d`` cannot move.
     """
 
@@ -229,6 +230,7 @@ class NullSpace:
         samples: Mapping[str, int] | None = None,
         shapes: Mapping[str, Sequence[int]] | None = None,
         accumulate_dtype: str | None = None,
+        check: bool = True,
     ):
         if side not in PROTECT_SIDES:
             raise ValueError(f"side must be one of {PROTECT_SIDES}, got {side!r}")
@@ -243,7 +245,13 @@ class NullSpace:
                                  f"{getattr(q, 'shape', type(q))}")
             if q.shape[1] > q.shape[0]:
                 raise ValueError(f"basis of {name!r} has more columns than rows: {tuple(q.shape)}")
-            self._bases[name] = q.detach().to(torch.float32).contiguous()
+            q = q.detach().to(torch.float32).contiguous()
+            if check and q.shape[1]:
+                err = float((q.double().T @ q.double() - torch.eye(q.shape[1], dtype=torch.float64, device=q.device))
+                            .abs().max())
+                if err > 1e-4:
+                    raise ValueError(f"basis of {name!r} must have orthonormal columns (max |QᵀQ − I| = {err:.2e})")
+            self._bases[name] = q
         self._spectra = {k: v.detach().to(torch.float64).cpu() for k, v in (spectra or {}).items()}
         self._samples = {k: int(v) for k, v in (samples or {}).items()}
         self._shapes = {k: tuple(int(s) for s in v) for k, v in (shapes or {}).items()}
@@ -445,7 +453,7 @@ class NullSpace:
                 spectra[name] = vals.cpu()
                 samples[name] = acc.count
         ns = cls(bases, side=side, threshold=float(threshold), mode=mode, spectra=spectra, samples=samples,
-                 shapes=shapes, accumulate_dtype=str(dtype).replace("torch.", ""))
+                 shapes=shapes, accumulate_dtype=str(dtype).replace("torch.", ""), check=False)
         ns._warn_degenerate()
         return ns
 
@@ -575,7 +583,7 @@ class NullSpace:
                 shapes[name] = info["weight_shape"]
         try:
             return cls(bases, side=side, threshold=threshold, mode=mode, spectra=spectra, samples=samples,
-                       shapes=shapes, accumulate_dtype=acc_dtype)
+                       shapes=shapes, accumulate_dtype=acc_dtype, check=False)
         except ValueError as exc:
             raise NullSpaceFormatError(f"{path}: {exc}") from None
 

@@ -47,7 +47,9 @@ def test_bad_arguments(kwargs):
 
 def test_missing_wheel_says_what_to_install(monkeypatch):
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "recommending_movies" else real(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "recommending_movies" else real(name, *a)
+    )
     with pytest.raises(MissingResourceError) as info:
         load_general_corpus()
     msg = str(info.value)

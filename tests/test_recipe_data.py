@@ -43,7 +43,12 @@ def test_movielens_counts_and_metadata(ml):
     assert (len(ml.histories), len(ml.items), ml.num_interactions) == (943, 1682, 100_000)
     assert ml.item_noun == "movie"
     toy = ml.items["1"]
-    assert (toy.title, toy.genres, toy.year, toy.name) == ("Toy Story", ("Animation", "Children's", "Comedy"), 1995, "Toy Story (1995)")
+    assert (toy.title, toy.genres, toy.year, toy.name) == (
+        "Toy Story",
+        ("Animation", "Children's", "Comedy"),
+        1995,
+        "Toy Story (1995)",
+    )
     assert ml.items["12"].name == "The Usual Suspects (1995)"
     assert ml.items["177"].display_title == "The Good, The Bad and The Ugly"
     # RecBole put the year in the title and "V" in the year column for this one
@@ -225,9 +230,15 @@ def test_csv_empty_split(tmp_path, csv_pair):
 
 def test_recbole_atomic_header_via_load_csv(tmp_path):
     items = tmp_path / "x.item"
-    items.write_text("item_id:token\tmovie_title:token_seq\trelease_year:token\tclass:token_seq\n1\tHeat\t1995\tAction Crime\n2\tUp\t2009\tAnimation\n", encoding="utf-8")
+    items.write_text(
+        "item_id:token\tmovie_title:token_seq\trelease_year:token\tclass:token_seq\n"
+        "1\tHeat\t1995\tAction Crime\n2\tUp\t2009\tAnimation\n",
+        encoding="utf-8",
+    )
     inter = tmp_path / "x.inter"
-    inter.write_text("user_id:token\titem_id:token\trating:float\ttimestamp:float\n7\t2\t3\t5\n7\t1\t3\t4\n", encoding="utf-8")
+    inter.write_text(
+        "user_id:token\titem_id:token\trating:float\ttimestamp:float\n7\t2\t3\t5\n7\t1\t3\t4\n", encoding="utf-8"
+    )
     data = load_csv(inter, items)
     assert data.items["1"].genres == ("Action", "Crime") and data.histories == {"7": ["1", "2"]}
 

@@ -14,7 +14,19 @@ from gems.errors import MissingResourceError
 from gems.recipes import model as M
 from gems.recipes.model import add_item_tokens, item_token, load_model_and_tokenizer, load_tokenizer
 
-TITLES = ["Toy Story", "The Usual Suspects", "GoldenEye", "", "Star Wars", "Heat", "Up", "Alien", "Fargo", "Clerks", "Babe"]
+TITLES = [
+    "Toy Story",
+    "The Usual Suspects",
+    "GoldenEye",
+    "",
+    "Star Wars",
+    "Heat",
+    "Up",
+    "Alien",
+    "Fargo",
+    "Clerks",
+    "Babe",
+]
 
 
 @pytest.fixture(scope="module")

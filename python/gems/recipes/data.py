@@ -40,7 +40,7 @@ Queries (:class:`QueryGenerator`) - synthetic, because no real query log ships o
     1995"`` or ``"90s"``), and title keywords (1-2 words of the title, in title order, lower-cased, without
     punctuation, stop words, articles in English/French/German/Italian/Spanish, and 1-character words).
     One of a few templates whose facets are all available is picked, e.g. ``"comedy movie from the 1990s"``,
-    ``"crime thriller film about suspects"``, ``"movie called something like godfather"``; an item with no
+    ``"crime thriller movie about suspects"``, ``"movie called something like godfather"``; an item with no
     usable facet gets ``"<noun> <title>"``. The random choices come from ``random.Random`` seeded by a
     SHA-256 of ``(seed, user, split, position, target)``, so a query does not depend on subsampling,
     on the process, or on ``PYTHONHASHSEED``. ``title_words=False`` builds queries from genres and time only
@@ -244,7 +244,8 @@ def _column(header: list[str], aliases: Sequence[str], path: str, what: str, req
             return header.index(name)
     if required:
         raise DataError(
-            f"{path} has no {what} column (looked for {', '.join(aliases)}; found {', '.join(header)}); rename the column"
+            f"{path} has no {what} column (looked for {', '.join(aliases)}; found {', '.join(header)}); "
+            "rename the column"
         )
     return None
 
@@ -258,7 +259,9 @@ def _parse_time(value: str, path: str, line: int) -> float:
     try:
         return datetime.fromisoformat(value).timestamp()
     except ValueError:
-        raise DataError(f"{path} line {line}: timestamp {value!r} is neither a number nor an ISO date; fix that row") from None
+        raise DataError(
+            f"{path} line {line}: timestamp {value!r} is neither a number nor an ISO date; fix that row"
+        ) from None
 
 
 def _parse_year(value: str) -> int | None:
@@ -336,7 +339,8 @@ def _read_interactions(
     if unknown:
         example = next(iter(unknown))
         raise DataError(
-            f"{path}: {sum(unknown.values())} interactions refer to {len(unknown)} item ids missing from the items file "
+            f"{path}: {sum(unknown.values())} interactions refer to {len(unknown)} item ids "
+            "missing from the items file "
             f"(e.g. {example!r}); add those items or drop those rows"
         )
     if not per_user:
@@ -359,13 +363,18 @@ def movielens_100k_dir() -> str:
     """Folder of MovieLens-100K (RecBole atomic files) inside the installed ``recbole`` wheel."""
     spec = importlib.util.find_spec("recbole")  # locates the package without importing it
     if spec is None or not spec.submodule_search_locations:
-        raise MissingResourceError(f"MovieLens-100K needs the recbole wheel (package 'recbole' not found); run: {_RECBOLE_INSTALL}")
+        raise MissingResourceError(
+            f"MovieLens-100K needs the recbole wheel (package 'recbole' not found); run: {_RECBOLE_INSTALL}"
+        )
     for root in spec.submodule_search_locations:
         folder = os.path.join(root, _ML100K_RELDIR)
-        if os.path.isfile(os.path.join(folder, "ml-100k.inter")) and os.path.isfile(os.path.join(folder, "ml-100k.item")):
+        if os.path.isfile(os.path.join(folder, "ml-100k.inter")) and os.path.isfile(
+            os.path.join(folder, "ml-100k.item")
+        ):
             return folder
     raise MissingResourceError(
-        f"MovieLens-100K files missing from the installed recbole package ({_ML100K_RELDIR}); run: {_RECBOLE_INSTALL} --force-reinstall"
+        f"MovieLens-100K files missing from the installed recbole package ({_ML100K_RELDIR}); "
+        f"run: {_RECBOLE_INSTALL} --force-reinstall"
     )
 
 
@@ -440,7 +449,9 @@ def _load(inter_path, item_path, *, delimiter, atomic, genre_sep, min_rating, so
     if not os.path.isfile(inter_path):
         raise MissingResourceError(f"interactions file not found: {inter_path}; pass an existing file path")
     items = _read_items(item_path, delimiter=delimiter, atomic=atomic, genre_sep=genre_sep)
-    histories, timestamps = _read_interactions(inter_path, items, delimiter=delimiter, atomic=atomic, min_rating=min_rating)
+    histories, timestamps = _read_interactions(
+        inter_path, items, delimiter=delimiter, atomic=atomic, min_rating=min_rating
+    )
     return InteractionData(items, histories, timestamps, source=source, item_noun=item_noun)
 
 
@@ -461,7 +472,9 @@ class LeaveOneOut:
 def leave_one_out(data: InteractionData, *, min_interactions: int = 3) -> LeaveOneOut:
     """Last interaction -> test, second-to-last -> validation, the rest -> training."""
     if min_interactions < 3:
-        raise ValueError(f"min_interactions must be >= 3 (one training pair, a validation and a test target), got {min_interactions}")
+        raise ValueError(
+            f"min_interactions must be >= 3 (one training pair, a validation and a test target), got {min_interactions}"
+        )
     train: dict[str, list[str]] = {}
     valid: dict[str, str] = {}
     test: dict[str, str] = {}
@@ -614,7 +627,8 @@ def make_examples(
         raw = [raw[k] for k in keep]
     if not raw:
         raise DataError(
-            f"the {split!r} split is empty ({len(data.histories)} users; users need >= {loo.min_interactions} interactions); "
+            f"the {split!r} split is empty ({len(data.histories)} users; "
+            f"users need >= {loo.min_interactions} interactions); "
             "use more data or a larger max_users"
         )
     out: list[Example] = []
@@ -677,7 +691,8 @@ def sample_negatives(
     pool = [iid for iid in data.items if iid not in seen]
     if len(pool) < num_negatives:
         raise DataError(
-            f"user {user!r} has only {len(pool)} unseen items, fewer than num_negatives={num_negatives}; lower num_negatives"
+            f"user {user!r} has only {len(pool)} unseen items, fewer than num_negatives={num_negatives}; "
+            "lower num_negatives"
         )
     return _seeded_rng("gems-negatives-v1", seed, user, positive).sample(pool, num_negatives)
 

@@ -1,0 +1,141 @@
+"""Glue shared by the Triton launchers: mode detection, boundary checks, pointer tables, block sizes.
+
+Batching across weights uses **pointer tables** (as Triton's grouped-GEMM tutorial does): the launcher
+writes the addresses of every gradient, basis, moment and δ tensor into one small int64 tensor, and each
+program loads the address it needs and casts it with ``.to(tl.pointer_type(...))``. Checked to work both
+compiled and under ``TRITON_INTERPRET=1``. Cost: no copy of any gradient/weight (a stacked copy would add
+a full extra read and write of every m×n tensor, more than the kernel's own traffic), one host→device copy
+of a few hundred bytes when a table is first built; tables are cached by the addresses they hold, so an
+optimizer that keeps its buffers pays it once per refresh, not per step. Limits: every tensor reached
+through a table must be contiguous (the launchers copy non-contiguous ones and copy outputs back), and
+offsets inside one tensor are int32 (m·n < 2³¹, checked).
+"""
+from __future__ import annotations
+
+import math
+import os
+from collections import OrderedDict
+from collections.abc import Sequence
+
+import torch
+
+# Decided once, when the kernels are decorated: triton.jit picks the interpreter at decoration time.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+GRAD_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+SIDES = ("left", "right")
+_INT32_MAX = 2**31 - 1
+
+# fp32 operands on a GPU: 3xTF32 keeps ~fp32 accuracy (the 2x-of-torch-fp32 test rule) on tensor cores;
+# plain "tf32" would be ~1e-3 relative and fail it, "ieee" is exact but runs on the FMA units.
+FP32_DOT_PRECISION = "tf32x3"
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """input_precision for tl.dot whose operands are cast to ``dtype`` (only matters for fp32)."""
+    if INTERPRET:
+        return "ieee"
+    return FP32_DOT_PRECISION if dtype == torch.float32 else "tf32"
+
+
+def check_device(t: torch.Tensor, what: str) -> None:
+    if INTERPRET:
+        if t.device.type != "cpu":
+            raise ValueError(f"{what}: TRITON_INTERPRET=1 runs the kernels on CPU tensors only, got {t.device}")
+    elif t.device.type != "cuda":
+        raise ValueError(f"{what}: the compiled Triton kernels need CUDA tensors, got {t.device} "
+                         "(set TRITON_INTERPRET=1 before importing gems_kernels to run them on CPU)")
+
+
+def check_side(side: str, name: str = "side") -> str:
+    if side not in SIDES:
+        raise ValueError(f"{name} must be 'left' or 'right', got {side!r}")
+    return side
+
+
+def check_float(x, what: str) -> float:
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        raise ValueError(f"{what} must be a real number, got {x!r}") from None
+    if not math.isfinite(v):
+        raise ValueError(f"{what} must be finite, got {v}")
+    return v
+
+
+def as_nested(x, K: int, inner: int | None, what: str) -> list[list]:
+    """Validate a list[K] of list[inner] (inner=None: any common length)."""
+    if not isinstance(x, Sequence) or len(x) != K:
+        raise ValueError(f"{what} must be a list of {K} lists (one per weight), got {type(x).__name__} "
+                         f"of length {len(x) if isinstance(x, Sequence) else '?'}")
+    out = []
+    for k, row in enumerate(x):
+        if not isinstance(row, Sequence) or isinstance(row, torch.Tensor):
+            raise ValueError(f"{what}[{k}] must be a list of tensors")
+        if inner is not None and len(row) != inner:
+            raise ValueError(f"{what}[{k}] must hold {inner} tensors, got {len(row)}")
+        out.append(list(row))
+    return out
+
+
+def contiguous_for_write(t: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """(tensor to hand the kernel, whether it must be copied back into ``t`` afterwards)."""
+    if t.is_contiguous():
+        return t, False
+    return t.contiguous(), True
+
+
+def check_int32_extent(numel: int, what: str) -> None:
+    if numel > _INT32_MAX:
+        raise ValueError(f"{what} has {numel} elements; the kernels index with int32 offsets (< 2^31)")
+
+
+class _TableCache:
+    """Small LRU of device tensors built from host values; keyed by those values, so never stale."""
+
+    def __init__(self, capacity: int = 256):
+        self.capacity = capacity
+        self._d: OrderedDict = OrderedDict()
+
+    def get(self, key, values: Sequence, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        full_key = (str(device), dtype, key)
+        hit = self._d.get(full_key)
+        if hit is not None:
+            self._d.move_to_end(full_key)
+            return hit
+        t = torch.tensor(list(values), dtype=dtype, device=device)
+        self._d[full_key] = t
+        if len(self._d) > self.capacity:
+            self._d.popitem(last=False)
+        return t
+
+    def clear(self) -> None:
+        self._d.clear()
+
+
+TABLES = _TableCache()
+
+
+def ptr_table(tensors: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """int64 tensor of the tensors' addresses (an empty tensor's address is never dereferenced)."""
+    ptrs = tuple(int(t.data_ptr()) for t in tensors)
+    return TABLES.get(("ptr",) + ptrs, ptrs, torch.int64, device)
+
+
+def int_table(values: Sequence[int], device: torch.device) -> torch.Tensor:
+    vals = tuple(int(v) for v in values)
+    return TABLES.get(("i32",) + vals, vals, torch.int32, device)
+
+
+def float_table(values: Sequence[float], device: torch.device) -> torch.Tensor:
+    vals = tuple(float(v) for v in values)
+    return TABLES.get(("f32",) + vals, vals, torch.float32, device)
+
+
+def next_pow2(x: int) -> int:
+    return 1 << max(0, (int(x) - 1).bit_length())
+
+
+def clamp_block(dim: int, lo: int, hi: int) -> int:
+    """Power-of-two block covering ``dim`` if small, clamped to [lo, hi] (tl.dot needs ≥ 16)."""
+    return max(lo, min(hi, next_pow2(max(dim, 1))))

@@ -1,0 +1,114 @@
+#!/usr/bin/env bash
+# One command on a GPU machine: GPU tests (bf16, large shapes, compiled Triton, CUDA backend), optional
+# compute-sanitizer memcheck of the CUDA tests, the full step benchmark; writes
+# benches/results/gpu_check_<card>.md and prints it last. Installs nothing from the network (the repo's
+# dependencies must already be there; at most `pip install --no-deps --no-build-isolation -e .`).
+# Budget (designed for < 8 min on an H100): install ≤ 60 s (only if gems does not import), pytest ≤ 180 s,
+# sanitizer ≤ 60 s, benchmark ≤ 180 s. Each part is cut by `timeout` and reported, never hangs the run.
+#
+#   bash benches/gpu_check.sh            # from anywhere; runs in the repository root
+#   GPU_CHECK_SKIP_SANITIZER=1 bash benches/gpu_check.sh
+set -u -o pipefail
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+PY=${PYTHON:-python}
+RESULTS="$ROOT/benches/results"
+mkdir -p "$RESULTS"
+unset TRITON_INTERPRET  # the GPU run must exercise the compiled kernels
+
+if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi -L >/dev/null 2>&1; then
+    echo "gpu_check: no NVIDIA GPU visible (nvidia-smi failed); nothing to do" >&2
+    exit 2
+fi
+CARD=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -n1)
+SLUG=$(echo "$CARD" | tr '[:upper:]' '[:lower:]' | sed -E 's/[^a-z0-9]+/_/g; s/^_+|_+$//g')
+REPORT="$RESULTS/gpu_check_${SLUG}.md"
+LOG=$(mktemp -d)
+START=$(date +%s)
+status() { if [ "$1" -eq 0 ]; then echo "ok"; elif [ "$1" -eq 124 ]; then echo "TIMEOUT"; else echo "FAILED (rc=$1)"; fi; }
+
+echo "== gpu_check on $CARD"
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv | tee "$LOG/smi.txt"
+
+# ---- 0. the package imports (editable install without network if needed)
+INSTALL="already importable"
+if ! $PY -c "import gems, gems_kernels" >/dev/null 2>&1; then
+    timeout 60 $PY -m pip install --no-deps --no-build-isolation -e . >"$LOG/install.txt" 2>&1
+    INSTALL="pip install -e . : $(status $?)"
+fi
+echo "== install: $INSTALL"
+
+# ---- 1. GPU tests (ours and every other -m gpu test in tests/)
+echo "== pytest -m gpu"
+timeout 180 $PY -m pytest -m gpu -q -rs -p no:cacheprovider tests/ 2>&1 | tee "$LOG/pytest.txt"
+PYTEST_RC=${PIPESTATUS[0]}
+PYTEST_SUMMARY=$(grep -E "(passed|failed|error|skipped|no tests ran)" "$LOG/pytest.txt" | tail -n1)
+
+# ---- 2. compute-sanitizer memcheck on the CUDA tests, when both exist
+SAN="not run"
+CUDA_TESTS=$(ls tests/test_cuda*.py 2>/dev/null | tr '\n' ' ')
+if [ -n "${GPU_CHECK_SKIP_SANITIZER:-}" ]; then
+    SAN="skipped (GPU_CHECK_SKIP_SANITIZER set)"
+elif ! command -v compute-sanitizer >/dev/null 2>&1; then
+    SAN="skipped (compute-sanitizer not on PATH)"
+elif [ -z "$CUDA_TESTS" ]; then
+    SAN="skipped (no tests/test_cuda*.py)"
+else
+    echo "== compute-sanitizer memcheck: $CUDA_TESTS"
+    timeout 60 compute-sanitizer --tool memcheck --error-exitcode 99 --target-processes all \
+        $PY -m pytest -q -x -p no:cacheprovider -m "gpu and not slow" $CUDA_TESTS >"$LOG/sanitizer.txt" 2>&1
+    SAN_RC=$?
+    SAN="$(status $SAN_RC): $(grep -E 'ERROR SUMMARY|passed|failed' "$LOG/sanitizer.txt" | tail -n2 | tr '\n' ' ')"
+fi
+echo "== sanitizer: $SAN"
+
+# ---- 3. step benchmark, full table (CSV is rewritten after every row, so a timeout keeps what ran)
+echo "== bench_step"
+timeout 180 $PY benches/bench_step.py 2>&1 | tee "$LOG/bench.txt"
+BENCH_RC=${PIPESTATUS[0]}
+BENCH_CSV="$RESULTS/bench_step_${SLUG}.csv"
+
+# ---- report
+ELAPSED=$(( $(date +%s) - START ))
+{
+    echo "# gpu_check: $CARD"
+    echo
+    echo "- date: $(date -u +%Y-%m-%dT%H:%M:%SZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo '?'), ${ELAPSED} s total"
+    echo "- machine: $(grep '^# machine' "$LOG/bench.txt" | sed 's/^# machine: //')"
+    echo "- card: $(tail -n +2 "$LOG/smi.txt" | head -n1)"
+    echo "- $(grep '^# measured' "$LOG/bench.txt" | sed 's/^# //')"
+    echo "- install: $INSTALL"
+    echo "- pytest -m gpu: $(status $PYTEST_RC) — $PYTEST_SUMMARY"
+    echo "- compute-sanitizer memcheck: $SAN"
+    echo "- bench_step: $(status $BENCH_RC) ($BENCH_CSV)"
+    echo
+    if [ "$PYTEST_RC" -ne 0 ]; then
+        echo "## pytest failures"
+        echo
+        echo '```'
+        grep -E "^(FAILED|ERROR)" "$LOG/pytest.txt" | head -n 40
+        echo '```'
+        echo
+    fi
+    echo "## One GEMS step (K weights, 2 tasks): time vs the DESIGN.md §4 floor"
+    echo
+    if [ -f "$BENCH_CSV" ]; then
+        $PY - "$BENCH_CSV" <<'EOF'
+import csv, sys
+rows = list(csv.DictReader(open(sys.argv[1], encoding="utf-8")))
+cols = ["provider", "shape", "side", "ranks", "dtype", "K", "ms", "GBps", "TFLOPs", "floor_ms", "x_floor", "note"]
+print("| " + " | ".join(cols) + " |")
+print("|" + "---|" * len(cols))
+for r in rows:
+    print("| " + " | ".join(str(r.get(c, "")) for c in cols) + " |")
+EOF
+    else
+        echo "(no benchmark CSV)"
+    fi
+    grep -E "^# provider .* skipped|FAILED" "$LOG/bench.txt" | sed 's/^/    /'
+} >"$REPORT"
+
+echo
+echo "================================================================ $REPORT"
+cat "$REPORT"
+[ "$PYTEST_RC" -eq 0 ] && [ "$BENCH_RC" -eq 0 ]

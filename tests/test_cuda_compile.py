@@ -41,7 +41,7 @@ def _cuda_include_dir() -> str:
 def _commands(tmp: Path) -> dict[str, list[str]]:
     cmds = {}
     for name in CU_FILES:
-        cmds[name] = [NVCC, "-std=c++17", "-O3", f"-I{CSRC}", *GENCODES, "-Xcompiler", "-Wall",
+        cmds[name] = [NVCC, "-std=c++17", "-O3", f"-I{CSRC}", *GENCODES, "-Xcompiler", "-Wall,-fPIC",
                       "-Werror", "all-warnings", "-c", str(CSRC / name), "-o", str(tmp / (name + ".o"))]
     import pybind11
     import torch
@@ -50,10 +50,11 @@ def _commands(tmp: Path) -> dict[str, list[str]]:
     cxx = shutil.which("g++") or shutil.which("c++")
     if cxx is not None:
         isystem = [*include_paths(), pybind11.get_include(), sysconfig.get_paths()["include"], _cuda_include_dir()]
-        cmds["binding.cpp"] = [cxx, "-std=c++17", "-fsyntax-only", "-Wall", "-Wextra", "-Werror",
+        cmds["binding.cpp"] = [cxx, "-std=c++17", "-c", "-O0", "-fPIC", "-Wall", "-Wextra", "-Werror",
                                f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
                                "-DTORCH_EXTENSION_NAME=gems_C_compile_check",
-                               *[a for d in isystem for a in ("-isystem", d)], f"-I{CSRC}", str(CSRC / "binding.cpp")]
+                               *[a for d in isystem for a in ("-isystem", d)], f"-I{CSRC}", str(CSRC / "binding.cpp"),
+                               "-o", str(tmp / "binding.cpp.o")]
     return cmds
 
 
@@ -89,7 +90,58 @@ def compiled(tmp_path_factory):
     print(f"\nCUDA compile check ({len(results)} jobs in parallel, wall {total:.1f} s):\n" + "\n".join(lines),
           file=sys.stderr)
     results["_wall"] = total
+    results["_tmp"] = tmp
     return results
+
+
+_IMPORT_CHECK = r"""
+import importlib.util, sys, torch
+spec = importlib.util.spec_from_file_location("gems_C_compile_check", sys.argv[1])
+mod = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(mod)  # dlopen(RTLD_NOW): every gems:: symbol the binding calls must resolve
+assert mod.CHUNK_ELEMS == 16384, mod.CHUNK_ELEMS
+z = torch.zeros(3)
+calls = {
+    "subspace_adam": lambda: mod.subspace_adam([z], [z], [z], [z], 1, 1e-3, 0.9, 0.999, 1e-8, 0),
+    "subspace_adam_len": lambda: mod.subspace_adam([z], [], [z], [z], 1, 1e-3, 0.9, 0.999, 1e-8, 0),
+    "weight_update": lambda: mod.weight_update([z], [z], [None], 1.0, 0.0, 0),
+    "back_project_update": lambda: mod.back_project_update([z.view(1, 3)], [z.view(3, 1)], [z.view(1, 3)], [None],
+                                                           False, 1.0, 0.0, 0),
+}
+for name, call in calls.items():
+    try:
+        call()
+    except ValueError as exc:  # TORCH_CHECK_VALUE -> ValueError, raised before any CUDA call
+        print(name, "ValueError", exc)
+    else:
+        raise AssertionError(name + ": CPU tensors were accepted")
+print("ok")
+"""
+
+
+def test_extension_links_and_imports_on_cpu_torch(compiled):
+    """Link the objects into the extension against the CPU torch + libcudart, import it, call each op
+    with CPU tensors: the binding's argument checks must raise ValueError (no CUDA call is reached)."""
+    import torch
+
+    if "binding.cpp" not in compiled or any(compiled[n][0] != 0 for n in CU_FILES + ["binding.cpp"]):
+        pytest.skip("a compile failed (reported by the tests above)")
+    cudart_dir = Path(_cuda_include_dir()).parent / "lib"
+    if not any(cudart_dir.glob("libcudart.so*")):
+        pytest.skip(f"no libcudart.so next to the CUDA headers ({cudart_dir})")
+    tmp = compiled["_tmp"]
+    torch_lib = Path(torch.__file__).parent / "lib"
+    so = tmp / "gems_C_compile_check.so"
+    objs = [str(tmp / (n + ".o")) for n in CU_FILES + ["binding.cpp"]]
+    libs = ["-lc10", "-ltorch_cpu", "-ltorch", "-ltorch_python"]
+    link = [shutil.which("g++") or "c++", "-shared", *objs, f"-L{torch_lib}", *libs, f"-L{cudart_dir}", "-lcudart",
+            f"-Wl,-rpath,{torch_lib}", f"-Wl,-rpath,{cudart_dir}", "-o", str(so)]
+    out = subprocess.run(link, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, f"link failed:\n$ {shlex.join(link)}\n{out.stdout}{out.stderr}"
+    run = subprocess.run([sys.executable, "-c", _IMPORT_CHECK, str(so)], capture_output=True, text=True,
+                         timeout=300, cwd=tmp)
+    assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stdout + run.stderr
+    assert "must be CUDA tensors" in run.stdout and "same length" in run.stdout, run.stdout
 
 
 def test_csrc_has_sources():

@@ -17,7 +17,7 @@ struct AdamScalars {
   int lerp_small;         // |weight| < 0.5 selects torch's first lerp formula
   float beta2;
   float one_minus_beta2;  // addcmul_ value
-  float inv_bc2_sqrt;     // torch's CUDA div by a CPU scalar multiplies by its float reciprocal
+  float inv_bc2_sqrt;     // torch's CUDA div by a CPU scalar multiplies by the (float-rounded) reciprocal
   float eps;
   float neg_step_size;    // addcdiv_ value = -(lr / bias_correction1)
 };
@@ -96,7 +96,7 @@ cudaError_t subspace_adam(const AdamEntry* table_device, int64_t num_entries, in
   s.lerp_small = std::fabs(s.lerp_weight) < 0.5f ? 1 : 0;
   s.beta2 = static_cast<float>(beta2);
   s.one_minus_beta2 = static_cast<float>(1.0 - beta2);
-  s.inv_bc2_sqrt = 1.0f / static_cast<float>(std::sqrt(bias_correction2));
+  s.inv_bc2_sqrt = static_cast<float>(1.0 / std::sqrt(bias_correction2));  // reciprocal in double, as recent torch
   s.eps = static_cast<float>(eps);
   s.neg_step_size = static_cast<float>(-(lr / bias_correction1));
   switch (grad_dtype) {

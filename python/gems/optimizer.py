@@ -10,8 +10,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from gems import diagnostics as diag
 from gems import distributed, reference
-from gems.dispatch import resolve_backend
+from gems import nullspace as nsp
+from gems.dispatch import backend_module, resolve_backend
 from gems.refresh import REFRESH_METHODS
 from gems.subspaces import SHARED, WeightSubspaces, clamp_report
 from gems.targets import TargetSpec, select_linear_modules, unwrap
@@ -19,6 +21,8 @@ from gems.tasks import TaskGradients, compute_gates, validate_gating, validate_t
 
 FORMAT_VERSION = 1
 TASK_BASES = ("residual", "independent")
+NULLSPACE_MODES = ("update", "gradient")
+NULLSPACE_DECAYS = ("project", "full")
 
 
 class GemsOptimizer(torch.optim.Optimizer):
@@ -51,6 +55,9 @@ class GemsOptimizer(torch.optim.Optimizer):
         proj_type: str = "std",
         task_basis: str = "residual",
         gating: str | Mapping[str, float] = "heuristic",
+        nullspace: "nsp.NullSpace | None" = None,
+        nullspace_mode: str = "update",
+        nullspace_weight_decay: str = "project",
         target_modules: TargetSpec = None,
         backend: str | None = "torch",
         refresh: str = "svd",
@@ -77,12 +84,21 @@ class GemsOptimizer(torch.optim.Optimizer):
             raise ValueError(f"refresh must be one of {REFRESH_METHODS}, got {refresh!r}")
         if sync not in ("auto", "none"):
             raise ValueError(f"sync must be 'auto' or 'none', got {sync!r}")
+        if nullspace is not None and not isinstance(nullspace, nsp.NullSpace):
+            raise TypeError(f"nullspace must be a gems.NullSpace, got {type(nullspace).__name__}")
+        if nullspace_mode not in NULLSPACE_MODES:
+            raise ValueError(f"nullspace_mode must be one of {NULLSPACE_MODES}, got {nullspace_mode!r}")
+        if nullspace_weight_decay not in NULLSPACE_DECAYS:
+            raise ValueError(f"nullspace_weight_decay must be one of {NULLSPACE_DECAYS}, got {nullspace_weight_decay!r}")
 
         self.inner = inner
         self.rank, self.task_rank, self.update_proj_gap, self.scale = rank, task_rank, update_proj_gap, float(scale)
         self.proj_type, self.task_basis, self.refresh_method = proj_type, task_basis, refresh
         self.gating = validate_gating(gating, self.tasks)
         self.seed, self.sync = int(seed), sync
+        self.nullspace, self.nullspace_mode, self.nullspace_weight_decay = nullspace, nullspace_mode, nullspace_weight_decay
+        self._update_stats: dict[str, dict[str, float]] = {}
+        self.track_update_stats = False
         self.backend_request = backend
         self._task_grads = TaskGradients(self.tasks)
         self.last_gates: dict[str, float] = {t: 1.0 / len(self.tasks) for t in self.tasks}
@@ -99,6 +115,7 @@ class GemsOptimizer(torch.optim.Optimizer):
 
         self._subspaces = self._build_subspaces(model, target_modules)
         clamp_report(self._subspaces, rank, task_rank)
+        self._attach_nullspace(model)
         self._install_coordinates()
         devices = {w.param.device.type for w in self._subspaces} or {"cpu"}
         self.backend = resolve_backend(backend, device_type="cuda" if "cuda" in devices else "cpu")
@@ -284,12 +301,9 @@ class GemsOptimizer(torch.optim.Optimizer):
         gates = self._gates(per_weight)
         self.last_gates = dict(zip(self.tasks, gates))
         skipped: list[str] = []
-        active: list[WeightSubspaces] = []
+        work: list[tuple[WeightSubspaces, Tensor, list[Tensor]]] = []
         refreshed: list[WeightSubspaces] = []
-        inputs: dict[int, tuple[Tensor, list[Tensor]]] = {}
         for w in self._subspaces:
-            for c in w.coords.values():
-                c.grad = None
             grads = per_weight.get(id(w.param))
             if grads is None or all(g is None for g in grads):
                 continue  # no gradient at all: like torch, the weight is not stepped
@@ -297,27 +311,28 @@ class GemsOptimizer(torch.optim.Optimizer):
             if not all(bool(torch.isfinite(g).all()) for g in grads):
                 skipped.append(w.name)
                 continue
+            if self.nullspace_mode == "gradient" and w.protected is not None:
+                grads = [nsp.project_gradient(g, w.protected, w.protect_side) for g in grads]
             shared = reference.shared_gradient(grads, shared_w) if len(grads) > 1 else grads[0].float()
             if w.step % self.update_proj_gap == 0:
                 w.refresh(shared, dict(zip(self.tasks, grads)), task_basis=self.task_basis,
                           method=self.refresh_method, generator=self._generator(w))
                 refreshed.append(w)
-            inputs[w.index] = (shared, grads)
-            active.append(w)
+            work.append((w, shared, grads))
         if refreshed and distributed.should_sync(self.sync):
             distributed.broadcast_bases(refreshed)
-        for w in active:
-            shared, grads = inputs.pop(w.index)
-            for s in w.subspaces():
-                g = shared if s == SHARED else grads[self.tasks.index(s)].float()
-                w.coords[s].grad = reference.project(g, w.bases[s], w.side)
+        for w in refreshed:
+            w.fold_nullspace(self.nullspace_mode)
         for p in self._plain_params:
             if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
                 skipped.append(self._plain_name(p))
                 p.grad = None
-        self.inner.step()
-        for w in active:
-            self._apply(w, gates)
+        if self._fused_adam():
+            deltas = self._fused_project_adam(work, shared_w)
+            self.inner.step()  # the non-targeted parameters; coordinates have no gradient and are skipped
+        else:
+            deltas = self._inner_step(work)
+        self._write_updates(work, deltas, gates)
         self.last_skipped = skipped
         if skipped:
             warnings.warn(f"GEMS skipped {len(skipped)} parameter(s) with non-finite gradients this step "
@@ -325,21 +340,162 @@ class GemsOptimizer(torch.optim.Optimizer):
         self._task_grads.clear()
         return loss
 
+    def _inner_step(self, work) -> dict[int, dict[str, Tensor]]:
+        """Generic path, any inner optimizer: coordinates get the projected gradients, the inner optimizer
+        steps, and each coordinate's new value is its update δ."""
+        for w, shared, grads in work:
+            w.materialize_coords()
+            for s in w.subspaces():
+                g = shared if s == SHARED else grads[self.tasks.index(s)].float()
+                w.coords[s].grad = reference.project(g, w.work_bases[s], w.side)
+        try:
+            self.inner.step()
+        except BaseException:
+            for w, _, _ in work:
+                w.release_coords()
+            raise
+        deltas = {}
+        for w, _, _ in work:
+            deltas[w.index] = {s: w.coords[s].data for s in w.subspaces()}
+            for c in w.coords.values():
+                c.grad = None
+        return deltas
+
+    def _fused_adam(self) -> bool:
+        """Whether the kernel backend can run the whole subspace step itself: torch Adam/AdamW with the
+        standard flags, whose state tensors (step, exp_avg, exp_avg_sq) it then updates directly."""
+        if self.backend == "torch" or type(self.inner) not in (torch.optim.Adam, torch.optim.AdamW):
+            return False
+        return all(not g.get("amsgrad") and not g.get("maximize") and not g.get("capturable")
+                   and not g.get("differentiable") for g in self.inner.param_groups)
+
+    def _fused_project_adam(self, work, shared_w) -> dict[int, dict[str, Tensor]]:
+        mod = backend_module(self.backend)
+        groups: dict[tuple, list] = {}
+        for w, shared, grads in work:
+            for c in w.coords.values():
+                c.grad = None
+            key = (tuple(w.param.shape), w.param.dtype, w.side, tuple(w.ranks.items()), id(w.group), w.step)
+            groups.setdefault(key, []).append((w, grads))
+        deltas = {}
+        for members in groups.values():
+            group = members[0][0].group
+            beta1, beta2 = group["betas"]
+            states = []
+            for w, _ in members:
+                per = []
+                for s in w.subspaces():
+                    st = self.inner.state[w.coords[s]]
+                    if not st:
+                        st["step"] = torch.tensor(0.0)
+                        st["exp_avg"] = torch.zeros(w.coord_shape(s), device=w.param.device)
+                        st["exp_avg_sq"] = torch.zeros(w.coord_shape(s), device=w.param.device)
+                    st["step"] += 1
+                    per.append(st)
+                states.append(per)
+            out = mod.project_adam(
+                [g for _, g in members], list(shared_w),
+                [[w.work_bases[s] for s in w.subspaces()] for w, _ in members],
+                [[st["exp_avg"] for st in per] for per in states], [[st["exp_avg_sq"] for st in per] for per in states],
+                side=members[0][0].side, step=int(states[0][0]["step"]), lr=float(group["lr"]),
+                beta1=float(beta1), beta2=float(beta2), eps=float(group["eps"]))
+            for (w, _), ds in zip(members, out):
+                deltas[w.index] = dict(zip(w.subspaces(), ds))
+        return deltas
+
+    def _coefficients(self, w: WeightSubspaces, gates: list[float]) -> list[float]:
+        return [self.scale if s == SHARED else self.scale * gates[self.tasks.index(s)] for s in w.subspaces()]
+
+    def _decay_basis(self, w: WeightSubspaces) -> Tensor | None:
+        if w.protected is None or self.nullspace_weight_decay == "full":
+            return None
+        return w.protected
+
+    def _write_updates(self, work, deltas: dict[int, dict[str, Tensor]], gates: list[float]) -> None:
+        """W ← W − lr·wd·D(W) + Σ_s c_s·B'_s·δ_s for every stepped weight, through the backend."""
+        mod = backend_module(self.backend)
+        for w, _, _ in work:
+            ds = deltas[w.index]
+            if w.delta_projector is not None:
+                ds = {s: nsp.project_update(d, w.delta_projector, w.protect_side) for s, d in ds.items()}
+            lr, wd = float(w.group["lr"]), float(w.group.get("weight_decay", 0.0))
+            coeffs = self._coefficients(w, gates)
+            decay_basis = self._decay_basis(w)
+            decay_side = nsp.acts_on(w.protect_side)
+            if self.track_update_stats:
+                self._record_update_stats(w, ds, coeffs)
+            if mod is None:
+                update = None
+                for s, c in zip(w.subspaces(), coeffs):
+                    part = reference.project_back(ds[s], w.work_bases[s], w.side)
+                    update = part.mul_(c) if update is None else update.add_(part, alpha=c)
+                reference.apply_update(w.param, update, lr=lr, weight_decay=wd, decay_basis=decay_basis,
+                                       decay_side=decay_side)
+            else:
+                mod.back_project_update([w.param], [[w.work_bases[s] for s in w.subspaces()]], coeffs,
+                                        [[ds[s] for s in w.subspaces()]], side=w.side, lr=lr, weight_decay=wd,
+                                        decay_bases=[decay_basis], decay_side=decay_side)
+            w.release_coords()
+            w.step += 1
+
     def _plain_name(self, p: Tensor) -> str:
         return f"param{next(i for i, q in enumerate(self._plain_params) if q is p)} {tuple(p.shape)}"
 
-    def _apply(self, w: WeightSubspaces, gates: list[float]) -> None:
-        update = None
-        for s in w.subspaces():
-            coeff = self.scale if s == SHARED else self.scale * gates[self.tasks.index(s)]
-            part = reference.project_back(w.coords[s], w.bases[s], w.side)
-            update = part.mul_(coeff) if update is None else update.add_(part, alpha=coeff)
-            w.coords[s].zero_()
-            w.coords[s].grad = None
-        group = w.group
-        lr = float(group["lr"])
-        reference.apply_update(w.param, update, lr=lr, weight_decay=float(group.get("weight_decay", 0.0)))
-        w.step += 1
+    # ----------------------------------------------------------------------------------------------
+    # null space and diagnostics
+    def _attach_nullspace(self, model: nn.Module | None) -> None:
+        ns = self.nullspace
+        if ns is None:
+            return
+        if model is not None:
+            ns.check_compatible(model)
+        protected = 0
+        for w in self._subspaces:
+            module = w.name.removesuffix(".weight")
+            if module in ns:
+                q = ns.basis(module)
+                if q is not None and q.shape[1] > 0:
+                    w.protected = q.to(device=w.param.device, dtype=torch.float32)
+                    protected += 1
+            w.protect_side = ns.protect_side
+        if protected == 0:
+            warnings.warn("the null space protects none of the targeted weights (module names differ, or "
+                          "every protected dimension is 0): updates are unconstrained", stacklevel=3)
+
+    def _record_update_stats(self, w: WeightSubspaces, ds: dict[str, Tensor], coeffs: list[float]) -> None:
+        """Leakage of the update that is applied, and the share of the raw update that the null-space
+        projection removed (raw: the same δ mapped back through the unprojected bases)."""
+        applied = sum(c * reference.project_back(ds[s], w.work_bases[s], w.side) for s, c in zip(w.subspaces(), coeffs))
+        raw = sum(c * reference.project_back(ds[s], w.bases[s], w.side) for s, c in zip(w.subspaces(), coeffs))
+        stats = {}
+        if w.protected is not None:
+            stats["leakage"] = nsp.leakage(applied, w.protected, w.protect_side)
+            norm = float(raw.norm())
+            stats["nullspace_removed"] = float((raw - applied).norm()) / norm if norm > 0 else 0.0
+        self._update_stats[w.name] = stats
+
+    def diagnostics(self) -> dict[str, float]:
+        """Per targeted weight scalars, flat and ready for any logger (opt-in, computed on call).
+
+        Call it after ``opt.backward`` and before ``opt.step`` to get gradient diagnostics for the current
+        step: cosine between each pair of task gradients (``<weight>/cos/<a>-<b>``), conflict ratio, energy
+        of each gradient captured by the shared and by its own subspace, the smallest principal angle
+        between the shared and each task subspace; plus the gates (``gate/<task>``). Set
+        ``opt.track_update_stats = True`` to also get, for protected weights, the null-space leakage of the
+        last applied update and the share of it the projection removed."""
+        per_layer: dict[str, dict[str, float]] = {}
+        stash = self._task_grads
+        for w in self._subspaces:
+            grads = {} if stash.empty else {t: stash.grads[t][id(w.param)] for t in self.tasks
+                                             if id(w.param) in stash.grads[t]}
+            bases = {s: w.bases[s] for s in w.subspaces() if w.bases[s] is not None}
+            entry = diag.layer_diagnostics(grads, bases=bases or None, side=w.side,
+                                           shared_grad=reference.shared_gradient(list(grads.values()), stash.shared_weights())
+                                           if len(grads) == len(self.tasks) and grads else None) if (grads or bases) else {}
+            entry.update(self._update_stats.get(w.name, {}))
+            if entry:
+                per_layer[w.name.removesuffix(".weight")] = entry
+        return diag.flatten_diagnostics(per_layer, self.last_gates)
 
     # ----------------------------------------------------------------------------------------------
     # checkpoints
@@ -384,5 +540,7 @@ class GemsOptimizer(torch.optim.Optimizer):
             for name in w.bases:
                 b = s["bases"].get(name)
                 w.bases[name] = None if b is None else b.to(device=w.param.device, dtype=torch.float32).clone()
+            if all(w.bases[name] is not None for name in w.subspaces()):
+                w.fold_nullspace(self.nullspace_mode)
         self.seed = int(state_dict.get("seed", self.seed))
         self.last_gates = dict(state_dict.get("last_gates", self.last_gates))

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from gems import nullspace as nsp
 from gems import reference
 from gems.refresh import compute_basis
 
@@ -30,6 +31,13 @@ class WeightSubspaces:
     bases: dict[str, Tensor | None] = field(default_factory=dict)
     step: int = 0
     group: dict | None = None  # the inner param group the weight came from (lr, weight_decay)
+    protected: Tensor | None = None  # null-space basis Q of this weight (fp32), if any
+    protect_side: str = "input"
+    # Bases actually used to project and map back: the null-space projector folded in where it acts on
+    # the basis side (B' = (I − QQᵀ)B, not orthonormal); ``delta_projector`` is Q when it acts on the
+    # other side, and then every coordinate update δ is projected instead (same result, r-sized cost).
+    work_bases: dict[str, Tensor] = field(default_factory=dict)
+    delta_projector: Tensor | None = None
 
     @classmethod
     def create(cls, index: int, name: str, param: Tensor, *, tasks, rank: int, task_rank: int, proj_type: str,
@@ -47,9 +55,33 @@ class WeightSubspaces:
         for s, r in ranks.items():
             ws.bases[s] = None
             if r > 0:
-                shape = reference.coord_shape(param.shape, side, r)
-                ws.coords[s] = torch.zeros(shape, dtype=torch.float32, device=param.device)
+                ws.coords[s] = torch.zeros(0, dtype=torch.float32, device=param.device)
         return ws
+
+    def coord_shape(self, s: str) -> tuple[int, int]:
+        return reference.coord_shape(self.param.shape, self.side, self.ranks[s])
+
+    def materialize_coords(self) -> None:
+        """Give every coordinate tensor its zero storage for the inner step. Between steps they hold no
+        memory (their value is zero by construction), so only moments and bases persist."""
+        for s, c in self.coords.items():
+            c.data = torch.zeros(self.coord_shape(s), dtype=torch.float32, device=self.param.device)
+
+    def release_coords(self) -> None:
+        for c in self.coords.values():
+            c.grad = None
+            c.data = torch.zeros(0, dtype=torch.float32, device=self.param.device)
+
+    def fold_nullspace(self, mode: str) -> None:
+        """Recompute ``work_bases`` from ``bases`` and the protected basis (after a refresh or a load)."""
+        self.delta_projector = None
+        q = self.protected if mode == "update" else None
+        for s in self.subspaces():
+            b = self.bases[s]
+            folded = nsp.fold_into_basis(b, q, self.side, self.protect_side) if q is not None else b
+            if folded is None:
+                folded, self.delta_projector = b, q
+            self.work_bases[s] = folded
 
     def subspaces(self) -> list[str]:
         """Subspaces with a positive rank, shared first then tasks in order."""

@@ -1,0 +1,60 @@
+"""Two CPU processes (gloo) train 10 GEMS steps: identical weights and bases on both ranks, equal to one process
+training on the concatenated batch."""
+import os
+import tempfile
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from helpers import make_model, make_opt, task_batches
+
+STEPS = 10
+
+
+def _losses(model, batch, sl):
+    return {t: nn.functional.mse_loss(model(x[sl]), y[sl]) for t, (x, y) in batch.items()}
+
+
+def _run(model, opt, batches, sl, n):
+    for batch in batches:
+        opt.backward(_losses(model, batch, sl), num_samples={"a": n, "b": n})
+        opt.step()
+        opt.zero_grad()
+
+
+def _worker(rank, world, init_file, out_dir):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        model = make_model(40)
+        opt = make_opt(model, update_proj_gap=4)
+        half = 16 // world
+        _run(model, opt, task_batches(STEPS, seed=41, n=16), slice(rank * half, (rank + 1) * half), half)
+        torch.save({"params": [p.detach() for p in model.parameters()],
+                    "bases": [{k: v for k, v in w.bases.items()} for w in opt.subspaces]},
+                   os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_rank_training_matches_single_process():
+    with tempfile.TemporaryDirectory() as tmp:
+        init_file = os.path.join(tmp, "init")
+        mp.spawn(_worker, args=(2, init_file, tmp), nprocs=2, join=True)
+        r0 = torch.load(os.path.join(tmp, "rank0.pt"), weights_only=True)
+        r1 = torch.load(os.path.join(tmp, "rank1.pt"), weights_only=True)
+    for a, b in zip(r0["params"], r1["params"]):
+        assert torch.equal(a, b)
+    for a, b in zip(r0["bases"], r1["bases"]):
+        for k in a:
+            assert torch.equal(a[k], b[k])
+
+    model = make_model(40)
+    init = [p.detach().clone() for p in model.parameters()]
+    opt = make_opt(model, update_proj_gap=4)
+    _run(model, opt, task_batches(STEPS, seed=41, n=16), slice(0, 16), 16)
+    assert all(not torch.equal(p, q) for p, q in zip(init, r0["params"]))
+    for p, q in zip(model.parameters(), r0["params"]):
+        torch.testing.assert_close(q, p.detach(), rtol=1e-4, atol=1e-5)

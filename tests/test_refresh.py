@@ -266,3 +266,27 @@ def test_fixed_iterations_improve_quality():
     energies = [captured(g, compute_basis(g, 10, "left", method="randomized", iters=q, oversample=2, generator=_gen()), "left")
                 for q in (0, 1, 3)]
     assert energies[0] <= energies[1] <= energies[2] <= exact_energy(g, 10) * (1 + 1e-6)
+
+
+@pytest.mark.parametrize("method", FAST)
+def test_bf16_matmul_option(method):
+    """GEMMs on bf16 operands (fp32 accumulation): orthonormal fp32 basis, same captured energy."""
+    g = decaying(80, 120, seed=13)
+    basis = compute_basis(g, 10, "left", method=method, matmul_dtype=torch.bfloat16, generator=_gen())
+    assert basis.dtype == torch.float32 and orth_error(basis) <= 1e-5
+    assert captured(g, basis, "left") >= 0.99 * exact_energy(g, 10)
+    batched = compute_bases([g, g * 2], 10, "left", method=method, matmul_dtype=torch.bfloat16, generator=_gen())
+    assert all(orth_error(b) <= 1e-5 for b in batched)
+
+
+def test_adaptive_default_stops_early_when_warm_start_is_converged(monkeypatch):
+    g = decaying(90, 140, seed=14)
+    prev = compute_basis(g, 8, "left")
+    calls = []
+    real_qr = torch.linalg.qr
+    monkeypatch.setattr(torch.linalg, "qr", lambda *a, **k: calls.append(1) or real_qr(*a, **k))
+    compute_basis(g, 8, "left", method="subspace_iter", previous=prev, generator=_gen())
+    warm_calls = len(calls)
+    calls.clear()
+    compute_basis(g, 8, "left", method="subspace_iter", iters=4, generator=_gen())
+    assert warm_calls < len(calls)

@@ -384,24 +384,37 @@ class GemsOptimizer(torch.optim.Optimizer):
             states = []
             for w, _ in members:
                 per = []
-                for s in w.subspaces():
-                    st = self.inner.state[w.coords[s]]
+                for sub in self._all_subspace_names():
+                    if w.ranks[sub] == 0:  # the contract keeps every subspace in place, empty ones included
+                        empty = torch.zeros(w.coord_shape(sub), device=w.param.device)
+                        per.append({"exp_avg": empty, "exp_avg_sq": empty.clone()})
+                        continue
+                    st = self.inner.state[w.coords[sub]]
                     if not st:
                         st["step"] = torch.tensor(0.0)
-                        st["exp_avg"] = torch.zeros(w.coord_shape(s), device=w.param.device)
-                        st["exp_avg_sq"] = torch.zeros(w.coord_shape(s), device=w.param.device)
+                        st["exp_avg"] = torch.zeros(w.coord_shape(sub), device=w.param.device)
+                        st["exp_avg_sq"] = torch.zeros(w.coord_shape(sub), device=w.param.device)
                     st["step"] += 1
                     per.append(st)
                 states.append(per)
             out = mod.project_adam(
                 [g for _, g in members], list(shared_w),
-                [[w.work_bases[s] for s in w.subspaces()] for w, _ in members],
+                [self._kernel_bases(w) for w, _ in members],
                 [[st["exp_avg"] for st in per] for per in states], [[st["exp_avg_sq"] for st in per] for per in states],
-                side=members[0][0].side, step=int(states[0][0]["step"]), lr=float(group["lr"]),
+                side=members[0][0].side, step=members[0][0].step + 1, lr=float(group["lr"]),
                 beta1=float(beta1), beta2=float(beta2), eps=float(group["eps"]))
             for (w, _), ds in zip(members, out):
-                deltas[w.index] = dict(zip(w.subspaces(), ds))
+                deltas[w.index] = dict(zip(self._all_subspace_names(), ds))
         return deltas
+
+    def _all_subspace_names(self) -> list[str]:
+        return [SHARED, *self.tasks]
+
+    def _kernel_bases(self, w: WeightSubspaces) -> list[Tensor]:
+        """Bases of all S subspaces in contract order; a rank-0 task gets a d×0 basis."""
+        dim = reference.side_dim(w.param.shape, w.side)
+        return [w.work_bases[s] if w.ranks[s] else torch.zeros(dim, 0, device=w.param.device)
+                for s in self._all_subspace_names()]
 
     def _coefficients(self, w: WeightSubspaces, gates: list[float]) -> list[float]:
         return [self.scale if s == SHARED else self.scale * gates[self.tasks.index(s)] for s in w.subspaces()]
@@ -412,29 +425,39 @@ class GemsOptimizer(torch.optim.Optimizer):
         return w.protected
 
     def _write_updates(self, work, deltas: dict[int, dict[str, Tensor]], gates: list[float]) -> None:
-        """W ← W − lr·wd·D(W) + Σ_s c_s·B'_s·δ_s for every stepped weight, through the backend."""
+        """W ← W − lr·wd·D(W) + Σ_s c_s·B'_s·δ_s for every stepped weight, through the backend (kernels get
+        every weight of one shape, dtype, side, ranks and param group in one call)."""
         mod = backend_module(self.backend)
+        batches: dict[tuple, list] = {}
         for w, _, _ in work:
             ds = deltas[w.index]
             if w.delta_projector is not None:
                 ds = {s: nsp.project_update(d, w.delta_projector, w.protect_side) for s, d in ds.items()}
-            lr, wd = float(w.group["lr"]), float(w.group.get("weight_decay", 0.0))
-            coeffs = self._coefficients(w, gates)
-            decay_basis = self._decay_basis(w)
-            decay_side = nsp.acts_on(w.protect_side)
             if self.track_update_stats:
-                self._record_update_stats(w, ds, coeffs)
+                self._record_update_stats(w, ds, self._coefficients(w, gates))
+            lr, wd = float(w.group["lr"]), float(w.group.get("weight_decay", 0.0))
             if mod is None:
                 update = None
-                for s, c in zip(w.subspaces(), coeffs):
+                for s, c in zip(w.subspaces(), self._coefficients(w, gates)):
                     part = reference.project_back(ds[s], w.work_bases[s], w.side)
                     update = part.mul_(c) if update is None else update.add_(part, alpha=c)
-                reference.apply_update(w.param, update, lr=lr, weight_decay=wd, decay_basis=decay_basis,
-                                       decay_side=decay_side)
+                reference.apply_update(w.param, update, lr=lr, weight_decay=wd, decay_basis=self._decay_basis(w),
+                                       decay_side=nsp.acts_on(w.protect_side))
             else:
-                mod.back_project_update([w.param], [[w.work_bases[s] for s in w.subspaces()]], coeffs,
-                                        [[ds[s] for s in w.subspaces()]], side=w.side, lr=lr, weight_decay=wd,
-                                        decay_bases=[decay_basis], decay_side=decay_side)
+                key = (tuple(w.param.shape), w.param.dtype, w.side, tuple(w.ranks.items()), id(w.group),
+                       w.protect_side)
+                batches.setdefault(key, []).append((w, ds))
+        for members in batches.values():
+            w0 = members[0][0]
+            names = self._all_subspace_names()
+            mod.back_project_update(
+                [w.param for w, _ in members], [self._kernel_bases(w) for w, _ in members],
+                [self.scale] + [self.scale * g for g in gates],
+                [[ds[s] if s in ds else torch.zeros(w.coord_shape(s), device=w.param.device) for s in names]
+                 for w, ds in members],
+                side=w0.side, lr=float(w0.group["lr"]), weight_decay=float(w0.group.get("weight_decay", 0.0)),
+                decay_bases=[self._decay_basis(w) for w, _ in members], decay_side=nsp.acts_on(w0.protect_side))
+        for w, _, _ in work:
             w.release_coords()
             w.step += 1
 

@@ -41,10 +41,13 @@ def resolve_backend(requested: str | None, *, device_type: str) -> str:
     if requested == "auto":
         if device_type != "cuda":
             return "torch"  # the kernels target GPUs; on CPU the torch path is the fast one
-        for name in ("cuda", "triton"):
-            ok, _ = _probe(name)
-            if ok:
-                return name
+        # A prebuilt CUDA extension first; never a just-in-time build behind the user's back (minutes of
+        # nvcc on the first step): with no prebuilt extension, Triton, then torch.
+        cuda_ok, cuda_why = _probe("cuda")
+        if cuda_ok and "prebuilt" in cuda_why:
+            return "cuda"
+        if _probe("triton")[0]:
+            return "triton"
         return "torch"
     ok, reason = _probe(requested)
     if not ok:

@@ -1,0 +1,27 @@
+import pytest
+
+from gems import dispatch
+from gems.errors import BackendUnavailableError
+
+
+def test_auto_is_torch_on_cpu_and_env_overrides(monkeypatch):
+    assert dispatch.resolve_backend("auto", device_type="cpu") == "torch"
+    monkeypatch.setenv("GEMS_BACKEND", "torch")
+    assert dispatch.resolve_backend(None, device_type="cuda") == "torch"
+    with pytest.raises(ValueError):
+        dispatch.resolve_backend("tpu", device_type="cpu")
+
+
+def test_unavailable_explicit_backend_raises_with_reason(monkeypatch):
+    monkeypatch.setattr(dispatch, "_probe", lambda name: (False, "no GPU here") if name != "torch" else (True, ""))
+    with pytest.raises(BackendUnavailableError, match="no GPU here"):
+        dispatch.resolve_backend("cuda", device_type="cuda")
+    assert dispatch.resolve_backend("auto", device_type="cuda") == "torch"
+
+
+def test_auto_prefers_prebuilt_cuda_then_triton(monkeypatch):
+    answers = {"cuda": (True, "prebuilt extension gems._C"), "triton": (True, "")}
+    monkeypatch.setattr(dispatch, "_probe", lambda name: answers.get(name, (True, "")))
+    assert dispatch.resolve_backend("auto", device_type="cuda") == "cuda"
+    answers["cuda"] = (True, "just-in-time build with nvcc")
+    assert dispatch.resolve_backend("auto", device_type="cuda") == "triton"

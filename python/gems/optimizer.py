@@ -22,6 +22,8 @@ from gems.tasks import TaskGradients, compute_gates, validate_gating, validate_t
 FORMAT_VERSION = 1
 TASK_BASES = ("residual", "independent")
 NULLSPACE_MODES = ("update", "gradient")
+STATE_TRANSFERS = ("keep", "rotate", "reset")
+MAX_GAP_FACTOR = 8
 NULLSPACE_DECAYS = ("project", "full")
 
 
@@ -61,6 +63,8 @@ class GemsOptimizer(torch.optim.Optimizer):
         target_modules: TargetSpec = None,
         backend: str | None = "torch",
         refresh: str = "svd",
+        state_transfer: str = "keep",
+        adaptive_refresh: float | None = None,
         seed: int = 0,
         sync: str = "auto",
     ) -> None:
@@ -82,6 +86,10 @@ class GemsOptimizer(torch.optim.Optimizer):
             raise ValueError(f"task_basis must be one of {TASK_BASES}, got {task_basis!r}")
         if refresh not in REFRESH_METHODS:
             raise ValueError(f"refresh must be one of {REFRESH_METHODS}, got {refresh!r}")
+        if state_transfer not in STATE_TRANSFERS:
+            raise ValueError(f"state_transfer must be one of {STATE_TRANSFERS}, got {state_transfer!r}")
+        if adaptive_refresh is not None and not (isinstance(adaptive_refresh, float) and 0 < adaptive_refresh <= 1):
+            raise ValueError(f"adaptive_refresh must be None or a similarity in (0, 1], got {adaptive_refresh!r}")
         if sync not in ("auto", "none"):
             raise ValueError(f"sync must be 'auto' or 'none', got {sync!r}")
         if nullspace is not None and not isinstance(nullspace, nsp.NullSpace):
@@ -94,6 +102,7 @@ class GemsOptimizer(torch.optim.Optimizer):
         self.inner = inner
         self.rank, self.task_rank, self.update_proj_gap, self.scale = rank, task_rank, update_proj_gap, float(scale)
         self.proj_type, self.task_basis, self.refresh_method = proj_type, task_basis, refresh
+        self.state_transfer, self.adaptive_refresh = state_transfer, adaptive_refresh
         self.gating = validate_gating(gating, self.tasks)
         self.seed, self.sync = int(seed), sync
         self.nullspace, self.nullspace_mode, self.nullspace_weight_decay = nullspace, nullspace_mode, nullspace_weight_decay
@@ -314,15 +323,15 @@ class GemsOptimizer(torch.optim.Optimizer):
             if self.nullspace_mode == "gradient" and w.protected is not None:
                 grads = [nsp.project_gradient(g, w.protected, w.protect_side) for g in grads]
             shared = reference.shared_gradient(grads, shared_w) if len(grads) > 1 else grads[0].float()
-            if w.step % self.update_proj_gap == 0:
-                w.refresh(shared, dict(zip(self.tasks, grads)), task_basis=self.task_basis,
-                          method=self.refresh_method, generator=self._generator(w))
-                refreshed.append(w)
+            if w.step >= w.next_refresh:
+                old = w.refresh(shared, dict(zip(self.tasks, grads)), task_basis=self.task_basis,
+                                method=self.refresh_method, generator=self._generator(w))
+                refreshed.append((w, old))
             work.append((w, shared, grads))
         if refreshed and distributed.should_sync(self.sync):
-            distributed.broadcast_bases(refreshed)
-        for w in refreshed:
-            w.fold_nullspace(self.nullspace_mode)
+            distributed.broadcast_bases([w for w, _ in refreshed])
+        for w, old in refreshed:
+            self._after_refresh(w, old)
         for p in self._plain_params:
             if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
                 skipped.append(self._plain_name(p))
@@ -339,6 +348,14 @@ class GemsOptimizer(torch.optim.Optimizer):
                           f"(weights and state untouched): {', '.join(skipped[:8])}", RuntimeWarning, stacklevel=2)
         self._task_grads.clear()
         return loss
+
+    def _after_refresh(self, w: WeightSubspaces, old: dict[str, Tensor | None]) -> None:
+        if self.adaptive_refresh is not None:
+            similar = w.basis_similarity(old) >= self.adaptive_refresh
+            w.gap_factor = min(2 * w.gap_factor, MAX_GAP_FACTOR) if similar else 1
+        w.next_refresh = w.step + self.update_proj_gap * w.gap_factor
+        w.transfer_state(old, self.inner.state, self.state_transfer)
+        w.fold_nullspace(self.nullspace_mode)
 
     def _inner_step(self, work) -> dict[int, dict[str, Tensor]]:
         """Generic path, any inner optimizer: coordinates get the projected gradients, the inner optimizer
@@ -526,6 +543,7 @@ class GemsOptimizer(torch.optim.Optimizer):
         return {"tasks": list(self.tasks), "rank": self.rank, "task_rank": self.task_rank,
                 "update_proj_gap": self.update_proj_gap, "scale": self.scale, "proj_type": self.proj_type,
                 "task_basis": self.task_basis, "refresh": self.refresh_method,
+                "state_transfer": self.state_transfer, "adaptive_refresh": self.adaptive_refresh,
                 "gating": dict(self.gating) if isinstance(self.gating, dict) else self.gating}
 
     def state_dict(self) -> dict[str, Any]:
@@ -534,6 +552,7 @@ class GemsOptimizer(torch.optim.Optimizer):
         for w in self._subspaces:
             weights.append({"name": w.name, "shape": list(w.param.shape), "side": w.side, "ranks": dict(w.ranks),
                             "step": torch.tensor(w.step, dtype=torch.int64),
+                            "next_refresh": w.next_refresh, "gap_factor": w.gap_factor,
                             "bases": {s: b.clone() for s, b in w.bases.items() if b is not None}})
         return {"format_version": FORMAT_VERSION, "config": self._config(), "seed": self.seed,
                 "last_gates": dict(self.last_gates), "weights": weights, "inner": self.inner.state_dict()}
@@ -560,6 +579,9 @@ class GemsOptimizer(torch.optim.Optimizer):
         self.inner.load_state_dict(state_dict["inner"])
         for w, s in zip(self._subspaces, saved):
             w.step = int(s["step"])
+            gap = self.update_proj_gap
+            w.next_refresh = int(s.get("next_refresh", -(-w.step // gap) * gap))
+            w.gap_factor = int(s.get("gap_factor", 1))
             for name in w.bases:
                 b = s["bases"].get(name)
                 w.bases[name] = None if b is None else b.to(device=w.param.device, dtype=torch.float32).clone()

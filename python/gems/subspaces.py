@@ -12,6 +12,8 @@ from gems import reference
 from gems.refresh import compute_basis
 
 SHARED = "shared"
+# inner-optimizer state entries that hold squared gradients (torch Adam/AdamW, RMSprop, Adagrad)
+SECOND_ORDER_STATE = frozenset({"exp_avg_sq", "max_exp_avg_sq", "square_avg", "sum"})
 
 
 @dataclass
@@ -38,6 +40,8 @@ class WeightSubspaces:
     # other side, and then every coordinate update δ is projected instead (same result, r-sized cost).
     work_bases: dict[str, Tensor] = field(default_factory=dict)
     delta_projector: Tensor | None = None
+    next_refresh: int = 0  # step at which the bases are recomputed next
+    gap_factor: int = 1  # adaptive refresh: the gap is stretched while the shared basis barely moves
 
     @classmethod
     def create(cls, index: int, name: str, param: Tensor, *, tasks, rank: int, task_rank: int, proj_type: str,
@@ -88,9 +92,10 @@ class WeightSubspaces:
         return [s for s, r in self.ranks.items() if r > 0]
 
     def refresh(self, shared_grad: Tensor, task_grads: dict[str, Tensor], *, task_basis: str, method: str,
-                generator: torch.Generator) -> None:
+                generator: torch.Generator) -> dict[str, Tensor | None]:
         """New bases from this step's gradients: B_sh from the shared gradient, B_t from G_t (residual mode:
-        from the part of G_t outside span(B_sh), and orthonormalised against B_sh)."""
+        from the part of G_t outside span(B_sh), and orthonormalised against B_sh). Returns the old bases."""
+        old = dict(self.bases)
         b_sh = compute_basis(shared_grad, self.ranks[SHARED], self.side, method=method,
                              previous=self.bases.get(SHARED), generator=generator)
         self.bases[SHARED] = b_sh
@@ -106,6 +111,40 @@ class WeightSubspaces:
             else:
                 b = compute_basis(g, r, self.side, method=method, previous=self.bases.get(t), generator=generator)
             self.bases[t] = b
+        return old
+
+    def basis_similarity(self, old: dict[str, Tensor | None]) -> float:
+        """‖B_oldᵀ B_new‖²_F / r of the shared subspace: 1 when the span did not move, ~r/d when random."""
+        prev, new = old.get(SHARED), self.bases[SHARED]
+        if prev is None or new.shape[1] == 0:
+            return 0.0
+        return float((prev.T @ new).pow(2).sum()) / new.shape[1]
+
+    def transfer_state(self, old: dict[str, Tensor | None], state: dict, mode: str) -> None:
+        """Carry the inner optimizer's per-coordinate state into the new bases.
+
+        ``keep``: leave it as is (GaLore: moments of the old coordinates are reused as they are).
+        ``reset``: drop it (the inner optimizer restarts, bias correction included).
+        ``rotate``: map coordinates by R = B_newᵀ·B_old: first-order tensors (same shape as the coordinates,
+        e.g. exp_avg, momentum_buffer) by R, second-order ones (exp_avg_sq, square_avg, sum) by R∘R, which
+        keeps them non-negative. Tensors of other shapes (steps, factored Adafactor rows) are kept."""
+        if mode == "keep":
+            return
+        for s in self.subspaces():
+            c = self.coords[s]
+            st = state.get(c)
+            if not st:
+                continue
+            if mode == "reset" or old.get(s) is None:
+                state[c] = {}
+                continue
+            rot = self.bases[s].T @ old[s]
+            shape = self.coord_shape(s)
+            for key, value in list(st.items()):
+                if not isinstance(value, Tensor) or tuple(value.shape) != shape:
+                    continue
+                r = rot * rot if key in SECOND_ORDER_STATE else rot
+                st[key] = (r @ value) if self.side == "left" else (value @ r.T)
 
 
 def clamp_report(subspaces: list[WeightSubspaces], rank: int, task_rank: int) -> None:

@@ -1,0 +1,79 @@
+"""state_transfer (keep / rotate / reset) and adaptive refresh in the optimizer."""
+import pytest
+import torch
+
+from helpers import make_model, make_opt, task_batches, train
+
+
+def _states(opt):
+    return {(w.name, s): {k: v.clone() for k, v in opt.inner.state[c].items()}
+            for w in opt.subspaces for s, c in w.coords.items()}
+
+
+@pytest.mark.parametrize("proj_type", ["left", "right"])
+def test_rotate_maps_moments_through_the_basis_change(proj_type):
+    model = make_model(50)
+    opt = make_opt(model, update_proj_gap=100, proj_type=proj_type, state_transfer="rotate")
+    train(model, opt, task_batches(2, seed=50))
+    w = opt.subspaces[1]
+    old = dict(w.bases)
+    before = {s: {k: v.clone() for k, v in opt.inner.state[c].items()} for s, c in w.coords.items()}
+    g = torch.Generator().manual_seed(0)
+    for s in w.subspaces():
+        w.bases[s] = torch.linalg.qr(torch.randn(old[s].shape, generator=g))[0]
+    w.transfer_state(old, opt.inner.state, "rotate")
+    for s, c in w.coords.items():
+        rot = w.bases[s].T @ old[s]
+        st = opt.inner.state[c]
+        m, v = before[s]["exp_avg"], before[s]["exp_avg_sq"]
+        want_m = rot @ m if w.side == "left" else m @ rot.T
+        want_v = (rot * rot) @ v if w.side == "left" else v @ (rot * rot).T
+        torch.testing.assert_close(st["exp_avg"], want_m)
+        torch.testing.assert_close(st["exp_avg_sq"], want_v)
+        assert st["exp_avg_sq"].min() >= 0 and torch.equal(st["step"], before[s]["step"])
+
+
+def test_reset_restarts_the_inner_state():
+    model = make_model(51)
+    opt = make_opt(model, update_proj_gap=3, state_transfer="reset")
+    train(model, opt, task_batches(3, seed=52))
+    steps_before = {k: float(v["step"]) for k, v in _states(opt).items()}
+    assert set(steps_before.values()) == {3.0}
+    train(model, opt, task_batches(1, seed=53))  # step 3: refresh, state dropped, then one inner step
+    assert {float(v["step"]) for v in _states(opt).values()} == {1.0}
+
+
+@pytest.mark.parametrize("mode", ["keep", "rotate", "reset"])
+def test_every_policy_trains(mode):
+    model = make_model(52)
+    opt = make_opt(model, update_proj_gap=5, state_transfer=mode)
+    losses = train(model, opt, task_batches(1, seed=54) * 30)
+    assert losses[-1]["a"] < losses[0]["a"] and losses[-1]["b"] < losses[0]["b"]
+
+
+def test_adaptive_refresh_stretches_the_gap_when_the_basis_is_stable():
+    model = make_model(53)
+    opt = make_opt(model, update_proj_gap=2, adaptive_refresh=0.5)
+    train(model, opt, task_batches(1, seed=55) * 12)  # one fixed batch: the gradient subspace barely moves
+    assert max(w.gap_factor for w in opt.subspaces) > 1
+    assert all(w.next_refresh >= w.step for w in opt.subspaces)
+    sd = opt.state_dict()
+    opt2 = make_opt(make_model(53), update_proj_gap=2, adaptive_refresh=0.5)
+    opt2.load_state_dict(sd)
+    assert [(w.next_refresh, w.gap_factor) for w in opt2.subspaces] == [(w.next_refresh, w.gap_factor) for w in opt.subspaces]
+
+
+@pytest.mark.parametrize("kw", [dict(state_transfer="swap"), dict(adaptive_refresh=1.5), dict(adaptive_refresh=1)])
+def test_bad_policy_arguments(kw):
+    with pytest.raises(ValueError):
+        make_opt(make_model(0), **kw)
+
+
+@pytest.mark.parametrize("method", ["subspace_iter", "randomized"])
+def test_fast_refresh_engines_train(method):
+    model = make_model(54)
+    opt = make_opt(model, update_proj_gap=4, refresh=method)
+    losses = train(model, opt, task_batches(1, seed=56) * 20)
+    assert losses[-1]["a"] < losses[0]["a"]
+    for w in opt.subspaces:
+        assert float((w.bases["shared"].T @ w.bases["a"]).norm()) <= 1e-5

@@ -51,6 +51,7 @@ def main(argv=None) -> None:
     ap.add_argument("--layers", type=int, default=30)
     ap.add_argument("--rank", type=int, default=64)
     ap.add_argument("--task-rank", type=int, default=32)
+    ap.add_argument("--refresh", default="subspace_iter", help="basis engine (does not change the memory)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "state_memory_cpu.md"))
     args = ap.parse_args(argv)
     torch.manual_seed(0)
@@ -64,7 +65,8 @@ def main(argv=None) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         opt = gems.GemsOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-4), model=model,
-                                 tasks=["search", "rec"], rank=args.rank, task_rank=args.task_rank)
+                                 tasks=["search", "rec"], rank=args.rank, task_rank=args.task_rank,
+                                 refresh=args.refresh)
     _one_step(model, opt, ["search", "rec"])
     moments = _state_bytes(opt.inner.state)
     bases = sum(b.numel() * b.element_size() for w in opt.subspaces for b in w.bases.values() if b is not None)
@@ -79,7 +81,7 @@ def main(argv=None) -> None:
         ("AdamW state (2 moments)", adamw_bytes),
         ("GEMS inner AdamW moments of coordinates", moments),
         ("GEMS bases (fp32)", bases),
-        ("GEMS zero coordinate tensors", coords),
+        ("GEMS coordinate tensors between steps (zero, so released)", coords),
         ("GEMS state total", gems_bytes),
         ("GEMS transient per-task gradient stash (2 tasks, during a step)", stash),
     ]

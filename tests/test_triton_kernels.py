@@ -587,7 +587,8 @@ def test_gpu_large_4096_rank_256_128(side, dtype, poison_empty):
 
 # ----------------------------------------------------------------------------------------------- optimizer
 @pytest.mark.filterwarnings("ignore:GEMS ranks clamped")
-def test_optimizer_backend_triton_matches_torch(monkeypatch):
+@pytest.mark.parametrize("with_nullspace", [False, True], ids=["no-nullspace", "nullspace"])
+def test_optimizer_backend_triton_matches_torch(monkeypatch, with_nullspace):
     """10 GemsOptimizer steps with backend="triton" vs backend="torch" (fp32, two tasks, a refresh in the
     middle); the Triton launchers must really run every step."""
     import gems
@@ -607,8 +608,13 @@ def test_optimizer_backend_triton_matches_torch(monkeypatch):
         model = torch.nn.Sequential(torch.nn.Linear(24, 40), torch.nn.Tanh(), torch.nn.Linear(40, 16),
                                     torch.nn.Tanh(), torch.nn.Linear(16, 4)).to(DEV)
         inner = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01)
+        ns = None
+        if with_nullspace:  # input side: folded into right bases (40×16), projected δ for left ones (24→40)
+            g = torch.Generator().manual_seed(7)
+            ns = gems.NullSpace({"0": torch.linalg.qr(torch.randn(24, 5, generator=g))[0].to(DEV),
+                                 "2": torch.linalg.qr(torch.randn(40, 6, generator=g))[0].to(DEV)}, side="input")
         opt = gems.GemsOptimizer(inner, model=model, tasks=["a", "b"], rank=6, task_rank=3, update_proj_gap=5,
-                                 backend=backend, target_modules=None)
+                                 backend=backend, target_modules=None, nullspace=ns)
         gen = torch.Generator().manual_seed(1)
         for _ in range(10):
             xa, xb = (torch.randn(8, 24, generator=gen).to(DEV) for _ in range(2))

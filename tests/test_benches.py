@@ -1,0 +1,68 @@
+"""Smoke test of the comparison benches (benches/bench_memory.py, benches/bench_e2e_step.py) on a tiny random
+Llama: every method builds, steps, and the tables come out. The SmolLM2 runs are benchmarks, not tests."""
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCHES = Path(__file__).resolve().parents[1] / "benches"
+
+pytest.importorskip("transformers")
+for _mod in ("galore_torch", "peft"):
+    pytest.importorskip(_mod)
+
+
+@pytest.fixture(scope="module")
+def benches():
+    sys.path.insert(0, str(BENCHES))
+    threads = torch.get_num_threads()
+    # one thread: tiny matrices gain nothing from more, and on a loaded machine OpenMP barriers inside
+    # LAPACK's SVD can cost ~1 s per call
+    torch.set_num_threads(1)
+    try:
+        import bench_e2e_step
+        import bench_memory
+
+        yield bench_memory, bench_e2e_step
+    finally:
+        torch.set_num_threads(threads)
+        sys.path.remove(str(BENCHES))
+
+
+def _methods(all_methods):
+    return [m for m in all_methods if m != "apollo" or importlib.util.find_spec("apollo_torch") is not None]
+
+
+def test_memory_bench_tiny(benches):
+    bench_memory, _ = benches
+    args = bench_memory.parse_args(["--tiny", "--steps", "1", "--threads", "1"])
+    results = [bench_memory.measure_method(m, args) for m in _methods(bench_memory.ALL_METHODS)]
+    by = {r["method"]: r for r in results}
+    for r in results:
+        assert r["state"] > 0 and r["grads_held"] > 0 and len(r["peaks"]) == 1
+    # GEMS keeps low-rank moments + bases for the targeted weights, far less than AdamW's two full moments
+    assert by["gems"]["bases"] > 0 and by["gems"]["coords"] == 0
+    assert by["gems"]["state_targeted"] < 0.6 * by["adamw"]["state_targeted"]
+    assert by["gems"]["state_other"] == by["adamw"]["state_other"]  # embedding + norms: plain AdamW in both
+    # the per-task stash: one full gradient per task (2 tasks) vs one .grad for AdamW
+    assert by["gems"]["grads_held"] == 2 * by["adamw"]["grads_held"]
+    rows = bench_memory.table_rows(results)
+    assert {r["method"] for r in rows} == set(by) and rows[0]["state_vs_adamw"] == 1.0
+
+
+def test_e2e_bench_tiny(benches, tmp_path):
+    _, bench_e2e_step = benches
+    methods = ",".join(_methods(bench_e2e_step.ALL_METHODS))
+    rows = bench_e2e_step.main(["--tiny", "--steps", "3", "--measure-gap", "2", "--threads", "1",
+                                "--methods", methods, "--out", str(tmp_path / "e2e")])
+    by = {r["method"]: r for r in rows}
+    assert set(by) == set(methods.split(","))
+    for r in rows:
+        assert r["fwd_bwd_ms"] > 0 and r["opt_step_ms"] > 0 and 0 < r["overhead_share"] < 1
+        assert r["n_normal"] >= 1
+    assert by["gems"]["n_refresh"] == 1 and by["adamw"]["n_refresh"] == 0 and by["adamw"]["refresh_ms"] == 0
+    text = (tmp_path / "e2e.md").read_text()
+    assert "gems-svd" in text and "overhead" in text
+    assert (tmp_path / "e2e.csv").read_text().startswith("method,")

@@ -285,7 +285,7 @@ class GemsOptimizer(torch.optim.Optimizer):
         for grads in per_weight.values():
             for i, g in enumerate(grads):
                 if g is not None:
-                    sq[i] += float(g.float().pow(2).sum())
+                    sq[i] += float(torch.linalg.vector_norm(g, dtype=torch.float32)) ** 2
         norms = [math.sqrt(s) for s in sq]
         return compute_gates(self.gating, self.tasks, self._task_grads.mean_losses(), norms,
                              [self._task_grads.samples[t] for t in self.tasks])
@@ -322,12 +322,13 @@ class GemsOptimizer(torch.optim.Optimizer):
                 continue
             if self.nullspace_mode == "gradient" and w.protected is not None:
                 grads = [nsp.project_gradient(g, w.protected, w.protect_side) for g in grads]
-            shared = reference.shared_gradient(grads, shared_w) if len(grads) > 1 else grads[0].float()
-            if w.step >= w.next_refresh:
+            if w.step >= w.next_refresh:  # the full shared gradient is only ever built for a refresh
+                shared = reference.shared_gradient(grads, shared_w) if len(grads) > 1 else grads[0].float()
                 old = w.refresh(shared, dict(zip(self.tasks, grads)), task_basis=self.task_basis,
                                 method=self.refresh_method, generator=self._generator(w))
+                del shared
                 refreshed.append((w, old))
-            work.append((w, shared, grads))
+            work.append((w, shared_w, grads))
         if refreshed and distributed.should_sync(self.sync):
             distributed.broadcast_bases([w for w, _ in refreshed])
         for w, old in refreshed:
@@ -360,11 +361,10 @@ class GemsOptimizer(torch.optim.Optimizer):
     def _inner_step(self, work) -> dict[int, dict[str, Tensor]]:
         """Generic path, any inner optimizer: coordinates get the projected gradients, the inner optimizer
         steps, and each coordinate's new value is its update δ."""
-        for w, shared, grads in work:
+        for w, shared_w, grads in work:
             w.materialize_coords()
-            for s in w.subspaces():
-                g = shared if s == SHARED else grads[self.tasks.index(s)].float()
-                w.coords[s].grad = reference.project(g, w.work_bases[s], w.side)
+            for s, r in self._projections(w, grads, shared_w).items():
+                w.coords[s].grad = r
         try:
             self.inner.step()
         except BaseException:
@@ -378,6 +378,24 @@ class GemsOptimizer(torch.optim.Optimizer):
                 c.grad = None
         return deltas
 
+    def _projections(self, w: WeightSubspaces, grads: list[Tensor], shared_w: list[float]) -> dict[str, Tensor]:
+        """Coordinates of every subspace's gradient: R_sh = Σ_t w_t·project(G_t, B_sh) and R_t = project(G_t, B_t),
+        each task gradient read once against [B_sh, B_t] (the shared gradient is never materialised)."""
+        out: dict[str, Tensor] = {}
+        r_sh = w.ranks[SHARED]
+        for t, g, wt in zip(self.tasks, grads, shared_w):
+            g = g.float()
+            both = torch.cat([w.work_bases[SHARED], w.work_bases[t]], dim=1) if w.ranks[t] else w.work_bases[SHARED]
+            proj = reference.project(g, both, w.side)
+            part_sh, part_t = (proj[:r_sh], proj[r_sh:]) if w.side == "left" else (proj[:, :r_sh], proj[:, r_sh:])
+            if SHARED in out:
+                out[SHARED].add_(part_sh, alpha=wt)
+            else:
+                out[SHARED] = part_sh.mul(wt) if len(grads) > 1 else part_sh.contiguous()
+            if w.ranks[t]:
+                out[t] = part_t.contiguous()
+        return out
+
     def _fused_adam(self) -> bool:
         """Whether the kernel backend can run the whole subspace step itself: torch Adam/AdamW with the
         standard flags, whose state tensors (step, exp_avg, exp_avg_sq) it then updates directly."""
@@ -389,7 +407,7 @@ class GemsOptimizer(torch.optim.Optimizer):
     def _fused_project_adam(self, work, shared_w) -> dict[int, dict[str, Tensor]]:
         mod = backend_module(self.backend)
         groups: dict[tuple, list] = {}
-        for w, shared, grads in work:
+        for w, _, grads in work:
             for c in w.coords.values():
                 c.grad = None
             key = (tuple(w.param.shape), w.param.dtype, w.side, tuple(w.ranks.items()), id(w.group), w.step)

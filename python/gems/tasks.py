@@ -88,14 +88,19 @@ class TaskGradients:
 
     def add(self, task: str, params: Sequence[Tensor], grads: Sequence[Tensor | None], loss: float, samples: float):
         stash = self.grads[task]
+        seen: set[int] = set()
         for p, g in zip(params, grads):
             if g is None:
                 continue
             key = id(p)
             if key in stash:
                 stash[key].add_(g)
-            else:
-                stash[key] = g.detach().clone(memory_format=torch.contiguous_format)
+                continue
+            # autograd.grad hands back fresh tensors: keep them, unless one is an expanded view or is shared
+            # by two parameters (then in-place accumulation would write through it), and copy those only.
+            fresh = g.is_contiguous() and g.data_ptr() not in seen
+            seen.add(g.data_ptr())
+            stash[key] = g.detach() if fresh else g.detach().clone(memory_format=torch.contiguous_format)
         self.loss_sum[task] += loss
         self.samples[task] += samples
 

@@ -38,6 +38,7 @@ if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before gems_kernels imports triton
 
 from gems import reference as R  # noqa: E402
+from _common import cpu_model  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 T_TASKS = 2
@@ -52,17 +53,6 @@ WD = 0.01
 
 
 # ------------------------------------------------------------------------------------------------ machine
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            for line in fh:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown CPU"
-
-
 def machine(device: torch.device) -> tuple[str, str]:
     """(description, slug for file names)."""
     if device.type == "cuda":

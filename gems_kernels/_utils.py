@@ -85,6 +85,17 @@ def contiguous_for_write(t: torch.Tensor) -> tuple[torch.Tensor, bool]:
     return t.contiguous(), True
 
 
+def first_matrix(t, what: str, dtype_what: str) -> tuple[int, int, torch.dtype, torch.device]:
+    """Shape, dtype and device of the first matrix of a batch, checked: the rest are compared to it."""
+    if not isinstance(t, torch.Tensor) or t.dim() != 2:
+        raise ValueError(f"{what} must be 2-D tensors (m×n)")
+    if t.dtype not in GRAD_DTYPES:
+        raise ValueError(f"{dtype_what} must be float32, bfloat16 or float16, got {t.dtype}")
+    check_device(t, what)
+    check_int32_extent(t.numel(), f"a {dtype_what.rstrip('s')}")
+    return int(t.shape[0]), int(t.shape[1]), t.dtype, t.device
+
+
 def check_int32_extent(numel: int, what: str) -> None:
     if numel > _INT32_MAX:
         raise ValueError(f"{what} has {numel} elements; the kernels index with int32 offsets (< 2^31)")

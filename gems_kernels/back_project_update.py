@@ -173,14 +173,7 @@ def back_project_update(
     wd = U.check_float(weight_decay, "weight_decay")
 
     w0 = weights[0]
-    if not isinstance(w0, torch.Tensor) or w0.dim() != 2:
-        raise ValueError("weights must be 2-D tensors (m×n)")
-    M, N = int(w0.shape[0]), int(w0.shape[1])
-    dtype, device = w0.dtype, w0.device
-    if dtype not in U.GRAD_DTYPES:
-        raise ValueError(f"weights must be float32, bfloat16 or float16, got {dtype}")
-    U.check_device(w0, "weights")
-    U.check_int32_extent(M * N, "a weight")
+    M, N, dtype, device = U.first_matrix(w0, "weights", "weights")
     D = M if side == "left" else N
 
     ws, writeback = [], []

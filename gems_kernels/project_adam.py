@@ -214,14 +214,7 @@ def project_adam(
         raise ValueError(f"lr and eps must be >= 0, got lr={lr}, eps={eps}")
 
     g0 = grads[0][0]
-    if not isinstance(g0, torch.Tensor) or g0.dim() != 2:
-        raise ValueError("task gradients must be 2-D tensors (m×n)")
-    M, N = int(g0.shape[0]), int(g0.shape[1])
-    dtype, device = g0.dtype, g0.device
-    if dtype not in U.GRAD_DTYPES:
-        raise ValueError(f"gradients must be float32, bfloat16 or float16, got {dtype}")
-    U.check_device(g0, "task_grads")
-    U.check_int32_extent(M * N, "a gradient")
+    M, N, dtype, device = U.first_matrix(g0, "task_grads", "gradients")
     for k in range(K):
         for t in range(T):
             g = grads[k][t]

@@ -1,0 +1,320 @@
+"""GEMS in the Hugging Face ``transformers.Trainer``: :class:`GemsTrainer`.
+
+Each training batch carries a task column (``task_column``, default ``"task"``) holding, per row, a task
+name (a list of strings) or a task index into ``tasks`` (an integer tensor). The trainer computes one loss
+per task from the model's logits (token-mean cross-entropy of the causal-LM ``labels`` of that task's
+rows) and hands them to :meth:`gems.GemsOptimizer.backward` with per-task sample counts, instead of the
+accelerator's ``backward`` (GEMS needs each task's gradient separately).
+
+Example::
+
+    trainer = GemsTrainer(model=model, args=TrainingArguments(..., optim="adamw_torch",
+                                                              remove_unused_columns=False),
+                          train_dataset=ds, data_collator=collate, tasks=["search", "rec"],
+                          gems_kwargs=dict(rank=64, task_rank=32, update_proj_gap=200, nullspace=ns))
+    trainer.train()                       # or trainer.train(resume_from_checkpoint=True)
+
+What it overrides and why
+    * ``create_optimizer``: builds the inner optimizer the usual way (``args.optim``, learning rate,
+      weight-decay groups) — or takes the one passed as ``optimizers=(inner, None)`` or ``inner_optimizer=``
+      — and wraps it in :class:`gems.GemsOptimizer` (``gems_kwargs`` are its options). Schedulers from
+      ``create_scheduler`` attach to the GEMS optimizer (its ``param_groups`` are the inner's).
+    * ``training_step``: forward, per-task losses, ``opt.backward``; returns the (detached) loss for
+      logging. The accelerator's backward is bypassed, so this trainer supports single-process CPU/GPU
+      training and DDP through GEMS' own gradient sync (not DeepSpeed, FSDP or fp16 loss scaling; bf16
+      autocast via ``args.bf16`` works, there is no loss scaler to bypass).
+    * Gradient accumulation is exact: ``get_batch_samples`` counts, per task, the label tokens of the whole
+      accumulation window, and each micro-batch's task loss is its summed token loss divided by that
+      window count, so after the window the stash holds each task's mean gradient over the window and
+      ``num_samples`` (label tokens per task) make the shared gradient Σ_t (N_t/N)·G_t equal to the
+      gradient of the mixed window's token-mean loss — what the plain Trainer computes.
+    * Gradient clipping (``args.max_grad_norm > 0``): GEMS keeps the task gradients in its stash, not in
+      ``.grad``, so ``_clip_grad_norm`` measures the norm of the **shared** gradient Σ_t w_t·G_t over
+      all parameters (the gradient a plain mixed-batch Trainer would clip) and, if it exceeds the limit,
+      multiplies every stashed task gradient by the same factor. The shared gradient is clipped exactly as
+      the plain Trainer would clip it, and the ratios between tasks (hence the gates' gradient-norm shares)
+      are unchanged. The logged ``grad_norm`` is that shared-gradient norm before clipping.
+    * Diagnostics (opt-in, ``log_diagnostics=True``): on every optimizer step that will be logged,
+      ``opt.diagnostics()`` is read between backward and step and merged into the next log entry, as
+      ``gems/<key>``. ``diagnostics="summary"`` (default) logs the mean over targeted layers of each
+      metric (``gems/cos/search-rec``, ``gems/conflict``, energies, angles) plus the gates;
+      ``"full"`` logs every per-layer key.
+    * Checkpoints: the optimizer state goes through ``opt.state_dict()`` (tensors and plain values, loads
+      with ``weights_only=True``); the Trainer's own save/resume of weights, scheduler and RNG does the
+      rest. Resuming on CPU reproduces an uninterrupted run bit for bit (tested).
+    * The task column is kept through ``remove_unused_columns`` and removed before the forward.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+try:
+    from transformers import Trainer
+except ImportError as exc:  # pragma: no cover - transformers is an optional dependency
+    raise ImportError("gems.integrations.transformers needs the transformers package; run: pip install transformers") from exc
+
+from gems.optimizer import GemsOptimizer
+
+__all__ = ["GemsTrainer", "task_losses"]
+
+
+def _task_index(value: Any, tasks: Sequence[str], n: int) -> Tensor:
+    """Per-row task index (LongTensor on the CPU) from a list of names or an integer tensor/list."""
+    if isinstance(value, Tensor):
+        idx = value.detach().reshape(-1).to("cpu", torch.long)
+    else:
+        vals = list(value)
+        if vals and isinstance(vals[0], str):
+            pos = {t: i for i, t in enumerate(tasks)}
+            unknown = sorted({v for v in vals if v not in pos})
+            if unknown:
+                raise ValueError(f"unknown task name(s) {unknown} in the task column; tasks are {list(tasks)}")
+            idx = torch.tensor([pos[v] for v in vals], dtype=torch.long)
+        else:
+            idx = torch.tensor([int(v) for v in vals], dtype=torch.long)
+    if idx.numel() != n:
+        raise ValueError(f"task column has {idx.numel()} entries for a batch of {n} rows")
+    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= len(tasks)):
+        raise ValueError(f"task ids must be in [0, {len(tasks)}), got {idx.tolist()}")
+    return idx
+
+
+def _shifted_labels(labels: Tensor) -> Tensor:
+    return labels[:, 1:]
+
+
+def task_losses(logits: Tensor, labels: Tensor, task_idx: Tensor, tasks: Sequence[str],
+                denominators: Mapping[str, float] | None = None) -> tuple[dict[str, Tensor], dict[str, float]]:
+    """Per-task causal-LM losses: Σ token NLL of the task's rows / ``denominators[task]`` (default: the
+    task's label-token count in this batch), and the label-token count per task. A task with no row gets
+    a zero loss that still depends on the logits (so ``opt.backward`` sees a graph) and count 0."""
+    shift_logits = logits[:, :-1].float()
+    shift_labels = _shifted_labels(labels).to(shift_logits.device)
+    nll = F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
+                          ignore_index=-100, reduction="none").view(shift_labels.shape)
+    valid = shift_labels != -100
+    per_row_sum = (nll * valid).sum(1)
+    per_row_count = valid.sum(1)
+    task_idx = task_idx.to(per_row_sum.device)
+    losses: dict[str, Tensor] = {}
+    counts: dict[str, float] = {}
+    for i, t in enumerate(tasks):
+        rows = task_idx == i
+        n = float(per_row_count[rows].sum()) if bool(rows.any()) else 0.0
+        counts[t] = n
+        den = float(denominators[t]) if denominators is not None else n
+        if n == 0 or den == 0:
+            losses[t] = shift_logits.sum() * 0.0
+        else:
+            losses[t] = per_row_sum[rows].sum() / den
+    return losses, counts
+
+
+class GemsTrainer(Trainer):
+    """A ``transformers.Trainer`` that trains with :class:`gems.GemsOptimizer` on per-task losses.
+
+    Extra keyword arguments (all keyword-only, everything else goes to ``Trainer``):
+
+    * ``tasks``: task names (order = the ids a task column may hold); required.
+    * ``task_column``: batch key with each row's task (names or ids); default ``"task"``.
+    * ``gems_kwargs``: options of :class:`gems.GemsOptimizer` (rank, task_rank, update_proj_gap, scale,
+      gating, nullspace, ...); ``model`` and ``tasks`` are filled in.
+    * ``inner_optimizer``: an optimizer instance over the model's parameters to wrap instead of the one
+      ``args.optim`` would build (``optimizers=(inner, scheduler)`` works too).
+    * ``log_diagnostics`` / ``diagnostics``: see the module docstring.
+    """
+
+    def __init__(self, *args: Any, tasks: Sequence[str], task_column: str = "task",
+                 gems_kwargs: Mapping[str, Any] | None = None, inner_optimizer: torch.optim.Optimizer | None = None,
+                 log_diagnostics: bool = False, diagnostics: str = "summary", **kwargs: Any) -> None:
+        if isinstance(tasks, str) or not tasks:
+            raise ValueError("tasks must be a non-empty list of task names, e.g. ['search', 'rec']")
+        if diagnostics not in ("summary", "full"):
+            raise ValueError(f"diagnostics must be 'summary' or 'full', got {diagnostics!r}")
+        self.gems_tasks = list(tasks)
+        self.task_column = task_column
+        self.gems_kwargs = dict(gems_kwargs or {})
+        for key in ("model", "tasks"):
+            if key in self.gems_kwargs:
+                raise ValueError(f"gems_kwargs must not set {key!r}; GemsTrainer fills it in")
+        self.inner_optimizer = inner_optimizer
+        self.log_diagnostics = bool(log_diagnostics)
+        self.diagnostics_mode = diagnostics
+        self._gems_window: dict[str, float] | None = None
+        self._gems_window_left = 0
+        self._gems_pending_logs: dict[str, float] = {}
+        super().__init__(*args, **kwargs)
+
+    # ------------------------------------------------------------------------------------------ optimizer
+    @property
+    def gems_optimizer(self) -> GemsOptimizer | None:
+        """The :class:`GemsOptimizer` (unwrapped from accelerate's ``AcceleratedOptimizer``), or None."""
+        opt = self.optimizer
+        while opt is not None and not isinstance(opt, GemsOptimizer):
+            opt = getattr(opt, "optimizer", None)
+        return opt
+
+    def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
+        opt_model = self.model if model is None else model
+        if self.optimizer is None and self.inner_optimizer is not None:
+            self.optimizer = self.inner_optimizer
+        if self.optimizer is None:
+            super().create_optimizer(model)
+        if not isinstance(self.optimizer, GemsOptimizer):
+            self.optimizer = GemsOptimizer(self.optimizer, model=opt_model, tasks=self.gems_tasks, **self.gems_kwargs)
+        return self.optimizer
+
+    # ------------------------------------------------------------------------------------------ columns
+    def _set_signature_columns_if_needed(self) -> None:
+        super()._set_signature_columns_if_needed()
+        if self._signature_columns is not None and self.task_column not in self._signature_columns:
+            self._signature_columns.append(self.task_column)
+
+    # ------------------------------------------------------------------------------------------ accumulation
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        batch_samples, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
+        window = {t: 0.0 for t in self.gems_tasks}
+        for b in batch_samples:
+            if not isinstance(b, Mapping) or "labels" not in b or self.task_column not in b:
+                window = None
+                break
+            labels = b["labels"]
+            idx = _task_index(b[self.task_column], self.gems_tasks, labels.shape[0])
+            per_row = (_shifted_labels(labels) != -100).sum(1).cpu()
+            for i, t in enumerate(self.gems_tasks):
+                window[t] += float(per_row[idx == i].sum())
+        self._gems_window = window
+        self._gems_window_left = len(batch_samples)
+        return batch_samples, num_items
+
+    # ------------------------------------------------------------------------------------------ step
+    def compute_task_losses(self, model: nn.Module, inputs: dict[str, Any]
+                            ) -> tuple[dict[str, Tensor], dict[str, float], Tensor]:
+        """Per-task losses (normalised by the accumulation window's per-task label tokens), per-task label
+        tokens of this micro-batch, and the micro-batch's share of the window's mixed token-mean loss."""
+        inputs = dict(inputs)
+        if self.task_column not in inputs:
+            raise KeyError(f"GemsTrainer needs a {self.task_column!r} column in every batch (task names or ids)")
+        task_value = inputs.pop(self.task_column)
+        labels = inputs.pop("labels", None)
+        if labels is None:
+            raise KeyError("GemsTrainer needs 'labels' in every batch (causal-LM labels, -100 = ignored)")
+        idx = _task_index(task_value, self.gems_tasks, labels.shape[0])
+        with self.compute_loss_context_manager():
+            outputs = model(**inputs)
+        logits = outputs["logits"] if isinstance(outputs, Mapping) else outputs[0]
+        if self._gems_window is not None and self._gems_window_left > 0:
+            den = self._gems_window
+        else:  # no window (called outside the training loop): normalise within the micro-batch
+            den = None
+        losses, counts = task_losses(logits, labels, idx, self.gems_tasks, den)
+        if den is None:
+            total_den = sum(counts.values()) or 1.0
+            mixed = sum(l.detach() * (counts[t] / total_den) for t, l in losses.items())
+        else:
+            total_den = sum(den.values()) or 1.0
+            mixed = sum(l.detach() * (den[t] / total_den) for t, l in losses.items())
+        return losses, counts, mixed
+
+    def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None) -> Tensor:
+        opt = self.gems_optimizer
+        if opt is None:
+            raise RuntimeError("GemsTrainer.training_step needs the GEMS optimizer; call create_optimizer first")
+        model.train()
+        if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
+            self.optimizer.train()
+        inputs = self._prepare_inputs(inputs)
+        losses, counts, mixed = self.compute_task_losses(model, inputs)
+        if sum(counts.values()) > 0:
+            opt.backward(losses, num_samples=counts)
+        if self._gems_window_left > 0:
+            self._gems_window_left -= 1
+        if self.log_diagnostics and self.accelerator.sync_gradients and self._will_log_next_step():
+            self._gems_pending_logs = self._diagnostics(opt)
+        if self._gems_window is None:  # outside the window bookkeeping: HF's equal micro-batch weighting
+            mixed = mixed / getattr(self, "current_gradient_accumulation_steps", 1)
+        return mixed.detach()
+
+    def _will_log_next_step(self) -> bool:
+        step = self.state.global_step + 1
+        if self.args.logging_strategy == "no":
+            return False
+        if self.args.logging_strategy == "steps":
+            every = self.args.logging_steps
+            every = max(1, math.ceil(every * self.state.max_steps)) if 0 < every < 1 else max(1, int(every))
+            return step % every == 0 or step == self.state.max_steps or (step == 1 and self.args.logging_first_step)
+        return True  # epoch logging: keep the latest
+
+    def _diagnostics(self, opt: GemsOptimizer) -> dict[str, float]:
+        flat = opt.diagnostics()
+        if self.diagnostics_mode == "full":
+            return {f"gems/{k}": v for k, v in flat.items()}
+        groups: dict[str, list[float]] = {}
+        out: dict[str, float] = {}
+        for k, v in flat.items():
+            if k.startswith("gate/"):
+                out[f"gems/{k}"] = v
+                continue
+            metric = k.split("/", 1)[1] if "/" in k else k
+            if math.isfinite(v):
+                groups.setdefault(metric, []).append(v)
+        for metric, vals in sorted(groups.items()):
+            out[f"gems/{metric}"] = sum(vals) / len(vals)
+        return out
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        if self._gems_pending_logs and "loss" in logs:
+            logs = {**logs, **self._gems_pending_logs}
+            self._gems_pending_logs = {}
+        super().log(logs, *args, **kwargs)
+
+    # ------------------------------------------------------------------------------------------ clipping
+    def _stash(self) -> Any:
+        opt = self.gems_optimizer
+        return None if opt is None else opt._task_grads
+
+    def _shared_grad_norm(self) -> float:
+        opt = self.gems_optimizer
+        stash = self._stash()
+        if stash is None or stash.empty:
+            return 0.0
+        weights = stash.shared_weights()
+        total = 0.0
+        keys = set()
+        for t in opt.tasks:
+            keys.update(stash.grads[t])
+        for key in keys:
+            g = None
+            for w, t in zip(weights, opt.tasks):
+                gt = stash.grads[t].get(key)
+                if gt is not None:
+                    g = gt.double() * w if g is None else g.add_(gt.double(), alpha=w)
+            if g is not None:
+                total += float(g.pow(2).sum())
+        return math.sqrt(total)
+
+    def _clip_grad_norm(self, model: nn.Module):
+        if self.gems_optimizer is None:
+            return super()._clip_grad_norm(model)
+        norm = self._shared_grad_norm()
+        max_norm = float(self.args.max_grad_norm)
+        if math.isfinite(norm) and norm > max_norm > 0:
+            coef = max_norm / (norm + 1e-6)
+            stash = self._stash()
+            for t in stash.grads:
+                for g in stash.grads[t].values():
+                    g.mul_(coef)
+        return torch.tensor(norm)
+
+    def _get_grad_norm(self, model: nn.Module, grad_norm: Any = None):
+        if self.gems_optimizer is None:
+            return super()._get_grad_norm(model, grad_norm=grad_norm)
+        if grad_norm is None:
+            grad_norm = torch.tensor(self._shared_grad_norm())
+        return grad_norm

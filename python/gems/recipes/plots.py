@@ -1,0 +1,105 @@
+"""PNG plots of the unified search + recommendation recipe (matplotlib, Agg backend, no display needed)."""
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+__all__ = ["plot_validation", "plot_conflict"]
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _natural(name: str) -> list:
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
+
+
+def plot_validation(curves: Mapping[str, Sequence[Mapping[str, Any]]], path: str, *,
+                    metric: str = "ndcg@10", tasks: Sequence[str] = ("rec", "search"), title: str = "") -> str:
+    """One panel per task: validation ``metric`` over training steps, one line per method.
+
+    ``curves[method]`` is a list of ``{"step": int, "<task>/<metric>": float, ...}`` records."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5.2 * len(tasks), 3.8), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        for method, recs in curves.items():
+            pts = [(r["step"], r[f"{task}/{metric}"]) for r in recs if f"{task}/{metric}" in r]
+            if pts:
+                xs, ys = zip(*pts)
+                ax.plot(xs, ys, marker="o", ms=3, label=method)
+        ax.set_title(f"{task}: validation {metric.upper()}")
+        ax.set_xlabel("step")
+        ax.set_ylabel(metric.upper())
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_conflict(history: Sequence[Mapping[str, Any]], path: str, *, pair: str = "search-rec", title: str = "") -> str:
+    """GEMS gradient-conflict diagnostics over training.
+
+    ``history`` is a list of ``{"step": int, "diag": {flat opt.diagnostics() dict}}``. Left: heat map of
+    the cosine between the two tasks' gradients per targeted layer (rows, in model order) and step
+    (columns); right: its mean over layers and the mean conflict ratio (share of opposite-sign entries)."""
+    plt = _plt()
+    import numpy as np
+
+    suffix = f"/cos/{pair}"
+    layers: list[str] = []
+    for rec in history:
+        for k in rec["diag"]:
+            if k.endswith(suffix):
+                name = k[: -len(suffix)]
+                if name not in layers:
+                    layers.append(name)
+    layers.sort(key=_natural)  # model order: layers.2 before layers.10
+    steps = [rec["step"] for rec in history]
+    fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(11, 4.2), gridspec_kw={"width_ratios": [1.4, 1]})
+    if layers and steps:
+        grid = np.full((len(layers), len(steps)), np.nan)
+        for j, rec in enumerate(history):
+            for i, name in enumerate(layers):
+                v = rec["diag"].get(name + suffix)
+                if v is not None:
+                    grid[i, j] = v
+        lim = max(float(np.nanmax(np.abs(grid))) if np.isfinite(grid).any() else 1.0, 1e-3)
+        im = ax0.imshow(grid, aspect="auto", cmap="coolwarm", vmin=-lim, vmax=lim, interpolation="nearest")
+        ax0.set_xticks(range(len(steps)))
+        ax0.set_xticklabels([str(s) for s in steps], fontsize=7)
+        every = max(1, len(layers) // 14)
+        ax0.set_yticks(range(0, len(layers), every))
+        ax0.set_yticklabels([layers[i] for i in range(0, len(layers), every)], fontsize=6)
+        fig.colorbar(im, ax=ax0, label=f"cos({pair.replace('-', ', ')})")
+        mean_cos = np.nanmean(grid, axis=0)
+        conf = [np.nanmean([v for k, v in rec["diag"].items() if k.endswith("/conflict")] or [np.nan])
+                for rec in history]
+        ax1.plot(steps, mean_cos, marker="o", label="mean cos over layers")
+        ax1.plot(steps, conf, marker="s", label="mean conflict ratio")
+        ax1.axhline(0.0, color="gray", lw=0.8)
+        ax1.legend(fontsize=8)
+    ax0.set_title(f"per-layer gradient cosine ({pair})", fontsize=9)
+    ax0.set_xlabel("step")
+    ax1.set_title("summary over layers", fontsize=9)
+    ax1.set_xlabel("step")
+    ax1.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

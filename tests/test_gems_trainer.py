@@ -1,0 +1,209 @@
+"""GemsTrainer (transformers.Trainer integration) on a tiny Llama: trains, accumulates, clips, logs, resumes."""
+import math
+import os
+import warnings
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments  # noqa: E402
+
+from gems import GemsOptimizer  # noqa: E402
+from gems.integrations.transformers import GemsTrainer, task_losses  # noqa: E402
+
+TASKS = ["search", "rec"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # tiny matrices: one thread avoids OpenMP oversubscription on shared cores (10x faster here)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+VOCAB = 64
+
+
+def tiny_model(seed=0):
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    return LlamaForCausalLM(cfg)
+
+
+class TinyTasks(torch.utils.data.Dataset):
+    """Two tasks with different deterministic patterns: search counts up by 1, rec by 3 (mod 60)."""
+
+    def __init__(self, n=32, length=10, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        self.rows = []
+        for i in range(n):
+            task = i % 2
+            start = int(torch.randint(4, VOCAB, (1,), generator=g))
+            step = 1 if task == 0 else 3
+            ids = [(start - 4 + k * step) % (VOCAB - 4) + 4 for k in range(length - (i % 3))]
+            self.rows.append((ids, task))
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        ids, task = self.rows[i]
+        return {"input_ids": ids, "task": TASKS[task]}
+
+
+def collate(rows):
+    width = max(len(r["input_ids"]) for r in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r["input_ids"])] = torch.tensor(r["input_ids"])
+        mask[i, : len(r["input_ids"])] = 1
+    labels = ids.masked_fill(mask == 0, -100)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "task": [r["task"] for r in rows]}
+
+
+def make_trainer(tmp_path, *, steps=12, bs=8, ga=1, seed=0, save_steps=None, max_grad_norm=0.0,
+                 log_diagnostics=False, model=None, logging_steps=4):
+    args = TrainingArguments(
+        output_dir=str(tmp_path), max_steps=steps, per_device_train_batch_size=bs, gradient_accumulation_steps=ga,
+        learning_rate=3e-3, weight_decay=0.01, lr_scheduler_type="cosine", warmup_steps=2, optim="adamw_torch",
+        logging_steps=logging_steps, save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500,
+        report_to=[], seed=seed, data_seed=seed, use_cpu=True, max_grad_norm=max_grad_norm,
+        dataloader_num_workers=0, disable_tqdm=True,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return GemsTrainer(model=model or tiny_model(seed), args=args, train_dataset=TinyTasks(), data_collator=collate,
+                           tasks=TASKS, gems_kwargs=dict(rank=4, task_rank=2, update_proj_gap=5),
+                           log_diagnostics=log_diagnostics)
+
+
+def mean_loss(model, ds):
+    batch = collate([ds[i] for i in range(len(ds))])
+    with torch.no_grad():
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+    return float(out.loss)
+
+
+def weights(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_trains_and_uses_gems(tmp_path):
+    trainer = make_trainer(tmp_path, steps=12)
+    before = mean_loss(trainer.model, TinyTasks())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.train()
+    assert isinstance(trainer.gems_optimizer, GemsOptimizer)
+    after = mean_loss(trainer.model, TinyTasks())
+    assert after < before - 0.3, (before, after)
+    logged = [h for h in trainer.state.log_history if "loss" in h]
+    assert logged and all(math.isfinite(h["loss"]) for h in logged)
+    # the scheduler drives the GEMS optimizer's (= inner's) learning rate
+    assert trainer.lr_scheduler.optimizer is trainer.gems_optimizer or \
+        trainer.gems_optimizer.param_groups[0]["lr"] == pytest.approx(trainer.lr_scheduler.get_last_lr()[0])
+
+
+def test_task_losses_window_normalisation():
+    torch.manual_seed(0)
+    logits = torch.randn(4, 5, 7, requires_grad=True)
+    labels = torch.randint(0, 7, (4, 5))
+    labels[1, 3:] = -100
+    idx = torch.tensor([0, 1, 0, 1])
+    losses, counts = task_losses(logits, labels, idx, TASKS)
+    assert counts == {"search": 8.0, "rec": 6.0}
+    # the mixed batch's token-mean loss = Σ_t (N_t / N) · loss_t
+    ref = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 7), labels[:, 1:].reshape(-1), ignore_index=-100)
+    mixed = sum(losses[t] * counts[t] / 14 for t in TASKS)
+    assert float(mixed) == pytest.approx(float(ref), rel=1e-6)
+    # a task with no row gives a zero loss that still has a graph
+    losses, counts = task_losses(logits, labels, torch.zeros(4, dtype=torch.long), TASKS)
+    assert counts["rec"] == 0 and float(losses["rec"]) == 0.0 and losses["rec"].requires_grad
+
+
+def test_gradient_accumulation_matches_one_big_batch(tmp_path):
+    """GA 2 × batch 4 gives the same weights as batch 8 (same samples, exact per-task window means)."""
+    t1 = make_trainer(tmp_path / "a", steps=4, bs=8, ga=1)
+    t2 = make_trainer(tmp_path / "b", steps=4, bs=4, ga=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        t1.train()
+        t2.train()
+    w1, w2 = weights(t1.model), weights(t2.model)
+    for k in w1:
+        torch.testing.assert_close(w1[k], w2[k], rtol=2e-4, atol=2e-6, msg=k)
+    l1 = [h["loss"] for h in t1.state.log_history if "loss" in h]
+    l2 = [h["loss"] for h in t2.state.log_history if "loss" in h]
+    assert l1 == pytest.approx(l2, rel=1e-4)
+
+
+def test_diagnostics_logging(tmp_path):
+    trainer = make_trainer(tmp_path, steps=4, log_diagnostics=True, logging_steps=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logs) == 2
+    assert all("gems/cos/search-rec" in h and "gems/gate/search" in h for h in logs)
+    assert all(-1.0 <= h["gems/cos/search-rec"] <= 1.0 for h in logs)
+    assert all(h["grad_norm"] > 0 for h in logs)  # the shared-gradient norm, measured on GEMS' stash
+
+
+def test_clipping_scales_the_stashed_task_gradients(tmp_path):
+    trainer = make_trainer(tmp_path, steps=1)
+    trainer.create_optimizer()
+    batch = collate([TinyTasks()[i] for i in range(6)])
+    trainer.training_step(trainer.model, batch)
+    stash = trainer.gems_optimizer._task_grads
+    before = {t: {k: g.clone() for k, g in stash.grads[t].items()} for t in TASKS}
+    norm = trainer._shared_grad_norm()
+    assert norm > 0
+    trainer.args.max_grad_norm = norm / 4
+    reported = float(trainer._clip_grad_norm(trainer.model))
+    assert reported == pytest.approx(norm)
+    assert trainer._shared_grad_norm() == pytest.approx(norm / 4, rel=1e-4)
+    for t in TASKS:  # every task gradient scaled by the same factor: task ratios (and gates' shares) kept
+        for k, g in stash.grads[t].items():
+            torch.testing.assert_close(g, before[t][k] * (norm / 4) / (norm + 1e-6))
+    trainer.args.max_grad_norm = 10 * norm  # below the limit: untouched
+    trainer._clip_grad_norm(trainer.model)
+    assert trainer._shared_grad_norm() == pytest.approx(norm / 4, rel=1e-4)
+
+
+def test_save_and_resume_is_bit_exact(tmp_path):
+    full = make_trainer(tmp_path / "full", steps=7, save_steps=None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        full.train()
+    part = make_trainer(tmp_path / "part", steps=7, save_steps=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        part.train()
+    ckpt = tmp_path / "part" / "checkpoint-4"
+    assert (ckpt / "optimizer.pt").is_file()
+    sd = torch.load(ckpt / "optimizer.pt", weights_only=True)
+    assert "weights" in sd and "inner" in sd  # the GEMS state dict, bases included
+    resumed = make_trainer(tmp_path / "part", steps=7, save_steps=4, model=tiny_model(123))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        resumed.train(resume_from_checkpoint=str(ckpt))
+    wf, wr = weights(full.model), weights(resumed.model)
+    for k in wf:
+        assert torch.equal(wf[k], wr[k]), k
+
+
+def test_needs_task_column(tmp_path):
+    trainer = make_trainer(tmp_path, steps=1)
+    trainer.create_optimizer()
+    batch = collate([TinyTasks()[0], TinyTasks()[1]])
+    batch.pop("task")
+    with pytest.raises(KeyError, match="task"):
+        trainer.training_step(trainer.model, batch)
+    bad = collate([TinyTasks()[0]])
+    bad["task"] = ["nope"]
+    with pytest.raises(ValueError, match="unknown task"):
+        trainer.training_step(trainer.model, bad)

@@ -344,3 +344,19 @@ def test_gates():
     g = reference.heuristic_gates([1.0, 3.0], [2.0, 2.0], [10, 30])
     assert g == pytest.approx([0.4 * 0.25 + 0.4 * 0.5 + 0.2 * 0.25, 0.4 * 0.75 + 0.4 * 0.5 + 0.2 * 0.75])
     assert sum(g) == pytest.approx(1.0)
+
+
+def test_clip_grad_norm_scales_the_shared_gradient():
+    model = make_model(22)
+    opt = make_opt(model)
+    batch = task_batches(1, seed=22)[0]
+    opt.backward(task_losses(model, batch), num_samples={"a": 1, "b": 3})
+    stash = opt._task_grads
+    norm = opt.shared_grad_norm()
+    expected = sum(float(reference.shared_gradient([stash.grads[t][id(p)] for t in ("a", "b")], [0.25, 0.75])
+                         .pow(2).sum()) for p in model.parameters()) ** 0.5
+    assert norm == pytest.approx(expected, rel=1e-5)
+    before = opt.clip_grad_norm_(norm / 4)
+    assert float(before) == pytest.approx(norm)
+    assert opt.shared_grad_norm() == pytest.approx(norm / 4, rel=1e-4)
+    assert opt.clip_grad_norm_(1e9) == pytest.approx(norm / 4, rel=1e-4)  # below the limit: untouched

@@ -253,6 +253,37 @@ class GemsOptimizer(torch.optim.Optimizer):
             self._task_grads.add(t, params, grads, float(losses[t].detach()), counts[t])
         self._task_grads.calls += 1
 
+    def shared_grad_norm(self) -> float:
+        """L2 norm, over every parameter, of the shared gradient Σ_t (N_t/N)·G_t the stash holds now."""
+        stash = self._task_grads
+        if stash.empty:
+            return math.sqrt(sum(float(torch.linalg.vector_norm(p.grad, dtype=torch.float32)) ** 2
+                                 for p in self._all_params if p.grad is not None))
+        weights = stash.shared_weights()
+        total = 0.0
+        for p in self._all_params:
+            grads = [stash.grads[t].get(id(p)) for t in self.tasks]
+            if any(g is not None for g in grads):
+                shared = reference.shared_gradient([g if g is not None else torch.zeros_like(p) for g in grads], weights)
+                total += float(torch.linalg.vector_norm(shared)) ** 2
+        return math.sqrt(total)
+
+    def clip_grad_norm_(self, max_norm: float) -> Tensor:
+        """Clip like ``torch.nn.utils.clip_grad_norm_`` on the shared (mixed-batch) gradient: when its norm
+        exceeds ``max_norm``, every stashed task gradient is scaled by the same factor (which leaves the
+        gates, built from norm shares, unchanged). Returns the norm before clipping."""
+        norm = self.shared_grad_norm()
+        if math.isfinite(norm) and norm > max_norm > 0:
+            coef = max_norm / (norm + 1e-6)
+            if self._task_grads.empty:
+                for p in self._all_params:
+                    if p.grad is not None:
+                        p.grad.mul_(coef)
+            for grads in self._task_grads.grads.values():
+                for g in grads.values():
+                    g.mul_(coef)
+        return torch.tensor(norm)
+
     def _gather_gradients(self) -> tuple[dict[int, list[Tensor | None]], list[float]]:
         """Per targeted weight (by id) its task gradients, and the shared-gradient weights w_t.
 

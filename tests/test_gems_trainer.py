@@ -160,18 +160,18 @@ def test_clipping_scales_the_stashed_task_gradients(tmp_path):
     trainer.training_step(trainer.model, batch)
     stash = trainer.gems_optimizer._task_grads
     before = {t: {k: g.clone() for k, g in stash.grads[t].items()} for t in TASKS}
-    norm = trainer._shared_grad_norm()
+    norm = trainer.gems_optimizer.shared_grad_norm()
     assert norm > 0
     trainer.args.max_grad_norm = norm / 4
     reported = float(trainer._clip_grad_norm(trainer.model))
     assert reported == pytest.approx(norm)
-    assert trainer._shared_grad_norm() == pytest.approx(norm / 4, rel=1e-4)
+    assert trainer.gems_optimizer.shared_grad_norm() == pytest.approx(norm / 4, rel=1e-4)
     for t in TASKS:  # every task gradient scaled by the same factor: task ratios (and gates' shares) kept
         for k, g in stash.grads[t].items():
             torch.testing.assert_close(g, before[t][k] * (norm / 4) / (norm + 1e-6))
     trainer.args.max_grad_norm = 10 * norm  # below the limit: untouched
     trainer._clip_grad_norm(trainer.model)
-    assert trainer._shared_grad_norm() == pytest.approx(norm / 4, rel=1e-4)
+    assert trainer.gems_optimizer.shared_grad_norm() == pytest.approx(norm / 4, rel=1e-4)
 
 
 def test_save_and_resume_is_bit_exact(tmp_path):

@@ -275,46 +275,14 @@ class GemsTrainer(Trainer):
         super().log(logs, *args, **kwargs)
 
     # ------------------------------------------------------------------------------------------ clipping
-    def _stash(self) -> Any:
-        opt = self.gems_optimizer
-        return None if opt is None else opt._task_grads
-
-    def _shared_grad_norm(self) -> float:
-        opt = self.gems_optimizer
-        stash = self._stash()
-        if stash is None or stash.empty:
-            return 0.0
-        weights = stash.shared_weights()
-        total = 0.0
-        keys = set()
-        for t in opt.tasks:
-            keys.update(stash.grads[t])
-        for key in keys:
-            g = None
-            for w, t in zip(weights, opt.tasks):
-                gt = stash.grads[t].get(key)
-                if gt is not None:
-                    g = gt.double() * w if g is None else g.add_(gt.double(), alpha=w)
-            if g is not None:
-                total += float(g.pow(2).sum())
-        return math.sqrt(total)
-
     def _clip_grad_norm(self, model: nn.Module):
         if self.gems_optimizer is None:
             return super()._clip_grad_norm(model)
-        norm = self._shared_grad_norm()
-        max_norm = float(self.args.max_grad_norm)
-        if math.isfinite(norm) and norm > max_norm > 0:
-            coef = max_norm / (norm + 1e-6)
-            stash = self._stash()
-            for t in stash.grads:
-                for g in stash.grads[t].values():
-                    g.mul_(coef)
-        return torch.tensor(norm)
+        return self.gems_optimizer.clip_grad_norm_(float(self.args.max_grad_norm))
 
     def _get_grad_norm(self, model: nn.Module, grad_norm: Any = None):
         if self.gems_optimizer is None:
             return super()._get_grad_norm(model, grad_norm=grad_norm)
         if grad_norm is None:
-            grad_norm = torch.tensor(self._shared_grad_norm())
+            grad_norm = torch.tensor(self.gems_optimizer.shared_grad_norm())
         return grad_norm

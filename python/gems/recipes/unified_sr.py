@@ -370,7 +370,8 @@ def build_method(name: str, model: Any, item_ids: list[int], cfg: Config, nullsp
         groups = [{"params": regular},
                   {"params": galore, "rank": cfg.rank, "update_proj_gap": cfg.gap, "scale": cfg.scale,
                    "proj_type": "std"}]
-        opt = GaLoreAdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-6, weight_decay=cfg.weight_decay)
+        opt = GaLoreAdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-6, weight_decay=cfg.weight_decay,
+                          no_deprecation_warning=True)
         info["targeted_weights"] = len(galore)
     elif name == "lora":
         try:

@@ -22,7 +22,7 @@ What it does
       hyper-parameters (the authors': eps 1e-6, weight decay 0.01) and seed.
 
       - ``gems``: :class:`gems.GemsOptimizer` around AdamW, tasks ``search`` and ``rec`` (one forward
-        over the mixed batch, one loss per task, ``opt.backward`` with per-task sample counts), shared rank
+        per task, one loss per task, ``opt.backward`` with per-task sample counts), shared rank
         ``--rank``, task rank ``--task-rank``, and the null space calibrated on the ``"calibration"``
         split of :func:`gems.corpus.load_general_corpus` (``nullspace_mode="update"``).
       - ``adamw``: full fine-tuning with ``torch.optim.AdamW`` on the mixed batch.
@@ -480,10 +480,19 @@ def train_method(name: str, cfg: Config, prep: Prepared, titles: list[str], *, n
                     rows.append(r)
                     targets.append(ids[tgt])
                 counts[task] = len(entry[task])
-            batch = E.collate_left(rows, pad_id, targets, device=cfg.device)
-            per_ex = E.item_token_loss(model, batch, item_ids=loss_items, autocast_dtype=_autocast(cfg))
             n_rec = counts["rec"]
-            task_loss = {"rec": per_ex[:n_rec].mean(), "search": per_ex[n_rec:].mean()}
+            if name == "gems":
+                # one forward per task: each task's backward then covers only its own rows, so the two
+                # passes together cost what one mixed-batch backward costs
+                task_loss = {}
+                for task, part in (("rec", slice(0, n_rec)), ("search", slice(n_rec, len(rows)))):
+                    sub = E.collate_left(rows[part], pad_id, targets[part], device=cfg.device)
+                    task_loss[task] = E.item_token_loss(model, sub, item_ids=loss_items,
+                                                        autocast_dtype=_autocast(cfg)).mean()
+            else:
+                batch = E.collate_left(rows, pad_id, targets, device=cfg.device)
+                per_ex = E.item_token_loss(model, batch, item_ids=loss_items, autocast_dtype=_autocast(cfg))
+                task_loss = {"rec": per_ex[:n_rec].mean(), "search": per_ex[n_rec:].mean()}
             record = (step + 1) % cfg.val_every == 0 or step + 1 == cfg.steps
             if name == "gems":
                 opt.backward({t: task_loss[t] for t in TASKS}, num_samples={t: counts[t] for t in TASKS})

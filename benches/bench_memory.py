@@ -102,12 +102,12 @@ def make_batches(tokenizer, vocab: int, n: int, batch: int, seq: int, seed: int 
     return [{t: torch.stack([next(it) for _ in range(batch)]) for t in TASKS} for _ in range(n)]
 
 
-def task_losses(model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """One forward over the concatenated task batches; each task's mean next-token loss from its rows."""
-    ids = torch.cat([batch[t] for t in TASKS])
+def task_losses(model: nn.Module, batch: dict[str, torch.Tensor], tasks=TASKS) -> dict[str, torch.Tensor]:
+    """One forward over the concatenated batches of ``tasks``; each task's mean next-token loss from its rows."""
+    ids = torch.cat([batch[t] for t in tasks])
     logits = model(input_ids=ids).logits
     losses, start = {}, 0
-    for t in TASKS:
+    for t in tasks:
         n = batch[t].shape[0]
         lg = logits[start:start + n, :-1].reshape(-1, logits.shape[-1])
         losses[t] = nn.functional.cross_entropy(lg.float(), batch[t][:, 1:].reshape(-1))
@@ -128,13 +128,17 @@ class Runner:
     targeted: set[int] = field(default_factory=set)  # ids of the targeted Linear weights (state split)
 
     def forward_backward(self, batch: dict[str, torch.Tensor]) -> None:
-        losses = task_losses(self.model, batch)
         counts = {t: batch[t].shape[0] for t in TASKS}
         if self.multitask:
+            # one forward per task: each task's backward then runs over its own rows only, so the per-task
+            # passes together cost what one mixed-batch backward costs (a shared forward would make every
+            # task's backward traverse the whole batch)
+            losses = {t: task_losses(self.model, {t: batch[t]}, tasks=(t,))[t] for t in TASKS}
             self.opt.backward(losses, num_samples=counts)
-        else:
-            total = sum(counts.values())
-            sum(losses[t] * (counts[t] / total) for t in TASKS).backward()
+            return
+        losses = task_losses(self.model, batch)
+        total = sum(counts.values())
+        sum(losses[t] * (counts[t] / total) for t in TASKS).backward()
 
     def step(self) -> None:
         self.opt.step()

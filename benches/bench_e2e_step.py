@@ -40,7 +40,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS_DIR, machine_description, print_table, synchronize, write_csv, write_markdown  # noqa: E402
-from bench_memory import TASKS, apollo_available, build, load_model, make_batches, preimport  # noqa: E402
+from bench_memory import (TASKS, add_common_args, apollo_available, build, load_model, make_batches,  # noqa: E402
+                          preimport)
 
 ALL_METHODS = ("adamw", "galore", "apollo", "lora", "gems", "gems-svd")
 PROJECTING = ("galore", "apollo", "gems")
@@ -92,17 +93,10 @@ COLUMNS = ("method", "fwd_bwd_ms", "opt_step_ms", "refresh_ms", "total_ms", "ove
 
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--methods", default=",".join(ALL_METHODS), help="comma-separated subset of " + ",".join(ALL_METHODS))
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--tiny", action="store_true", help="random 2-layer Llama instead of SmolLM2-135M (smoke test)")
+    add_common_args(ap)
     ap.add_argument("--steps", type=int, default=5, help="steps per method, step 0 is warm-up [5: 3 normal + 1 refresh]")
     ap.add_argument("--measure-gap", type=int, default=4, help="update_proj_gap used while timing (refresh steps)")
     ap.add_argument("--gap", type=int, default=200, help="update_proj_gap the refresh cost is amortised over")
-    ap.add_argument("--batch", type=int, default=4, help="sequences per task")
-    ap.add_argument("--seq", type=int, default=64, help="tokens per sequence")
-    ap.add_argument("--rank", type=int, default=None, help="shared rank (GEMS) = GaLore/APOLLO rank [64; tiny 8]")
-    ap.add_argument("--task-rank", type=int, default=None, help="GEMS per-task rank [32; tiny 4]")
-    ap.add_argument("--lora-rank", type=int, default=None, help="LoRA r [16; tiny 4]")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     ap.add_argument("--out", default=None, help="output stem [benches/results/e2e_step_<device>]")
     args = ap.parse_args(argv)

@@ -363,17 +363,22 @@ def table_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_common_args(ap: argparse.ArgumentParser) -> None:
+    """The method, model, batch and rank options shared with bench_e2e_step.py."""
     ap.add_argument("--methods", default=",".join(ALL_METHODS), help="comma-separated subset of " + ",".join(ALL_METHODS))
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--tiny", action="store_true", help="random 2-layer Llama instead of SmolLM2-135M (smoke test)")
-    ap.add_argument("--steps", type=int, default=2, help="training steps measured per method (peak = max)")
     ap.add_argument("--batch", type=int, default=4, help="sequences per task")
     ap.add_argument("--seq", type=int, default=64, help="tokens per sequence")
     ap.add_argument("--rank", type=int, default=None, help="shared rank (GEMS) = GaLore/APOLLO rank [64; tiny 8]")
     ap.add_argument("--task-rank", type=int, default=None, help="GEMS per-task rank [32; tiny 4]")
     ap.add_argument("--lora-rank", type=int, default=None, help="LoRA r [16; tiny 4]")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_common_args(ap)
+    ap.add_argument("--steps", type=int, default=2, help="training steps measured per method (peak = max)")
     ap.add_argument("--gap", type=int, default=200, help="update_proj_gap")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads in every child")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)

@@ -39,9 +39,9 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS_DIR, machine_description, print_table, synchronize, write_csv, write_markdown  # noqa: E402
-from bench_memory import (TASKS, add_common_args, apollo_available, build, load_model, make_batches,  # noqa: E402
-                          preimport)
+from _common import RESULTS_DIR, print_table, synchronize, write_csv, write_markdown  # noqa: E402
+from bench_memory import (TASKS, add_common_args, build, load_model, make_batches, preimport,  # noqa: E402
+                          run_plan)
 
 ALL_METHODS = ("adamw", "galore", "apollo", "lora", "gems", "gems-svd")
 PROJECTING = ("galore", "apollo", "gems")
@@ -112,13 +112,7 @@ def main(argv=None) -> list[dict[str, Any]]:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    skipped = []
-    if "apollo" in methods and not apollo_available():
-        methods.remove("apollo")
-        skipped.append("apollo (apollo-torch not installed: pip install apollo-torch)")
-    machine = machine_description(args.device)
-    model_name = "tiny random LlamaConfig (2 layers, hidden 64)" if args.tiny else "SmolLM2-135M-Instruct (fp32)"
+    methods, skipped, machine, model_name = run_plan(args)
     print(f"# machine: {machine}")
     print(f"# model: {model_name}; {len(TASKS)} tasks × {args.batch} seq × {args.seq} tokens; {args.steps} steps, "
           f"measure gap {args.measure_gap}, amortised over gap {args.gap}; rank {args.rank} / task {args.task_rank}; "

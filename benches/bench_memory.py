@@ -375,6 +375,17 @@ def add_common_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--lora-rank", type=int, default=None, help="LoRA r [16; tiny 4]")
 
 
+def run_plan(args: argparse.Namespace) -> tuple[list[str], list[str], str, str]:
+    """Methods to run (apollo dropped, and said so, when apollo-torch is missing), the machine and model names."""
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    skipped = []
+    if "apollo" in methods and not apollo_available():
+        methods.remove("apollo")
+        skipped.append("apollo (apollo-torch not installed: pip install apollo-torch)")
+    model_name = "tiny random LlamaConfig (2 layers, hidden 64)" if args.tiny else "SmolLM2-135M-Instruct (fp32)"
+    return methods, skipped, machine_description(args.device), model_name
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_common_args(ap)
@@ -398,13 +409,7 @@ def main(argv=None) -> list[dict[str, Any]]:
     if args.child:
         print(json.dumps(measure_method(args.child, args)), flush=True)
         return []
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    skipped = []
-    if "apollo" in methods and not apollo_available():
-        methods.remove("apollo")
-        skipped.append("apollo (apollo-torch not installed: pip install apollo-torch)")
-    machine = machine_description(args.device)
-    model_name = "tiny random LlamaConfig (2 layers, hidden 64)" if args.tiny else "SmolLM2-135M-Instruct (fp32)"
+    methods, skipped, machine, model_name = run_plan(args)
     print(f"# machine: {machine}")
     print(f"# model: {model_name}; batch {len(TASKS)} tasks × {args.batch} seq × {args.seq} tokens; steps {args.steps}; "
           f"rank {args.rank} / task {args.task_rank}; LoRA r {args.lora_rank}; gap {args.gap}", flush=True)

@@ -390,6 +390,21 @@ def _launch_weight_update(mod, weights, updates, parts, lr, weight_decay, stream
 
 
 # ------------------------------------------------------------------------------ contract functions
+def _same_matrices(tensors: Sequence[Tensor], names: Sequence[str], what: str):
+    """Check every tensor is a 2-D float matrix and all share one shape and dtype; return (shape, dtype)."""
+    shape = dtype = None
+    for t, name in zip(tensors, names):
+        _dtype(t, name, _FLOATS)
+        if t.dim() != 2:
+            raise ValueError(f"{name} must be 2-D, got shape {tuple(t.shape)}")
+        if shape is None:
+            shape, dtype = tuple(t.shape), t.dtype
+        elif tuple(t.shape) != shape or t.dtype != dtype:
+            raise ValueError(f"all {what} must share one shape and dtype, got {shape}/{dtype} and "
+                             f"{tuple(t.shape)}/{t.dtype}")
+    return shape, dtype
+
+
 def _check_bases(bases, K: int, S: int, d: int) -> list[list[Tensor]]:
     bases = _seq(bases, "bases", K)
     out = []
@@ -435,16 +450,8 @@ def project_adam(
     S = T + 1
     grads = [_seq(task_grads[k], f"task_grads[{k}]", T) for k in range(K)]
     flat = [_tensor(g, f"task_grads[{k}][{t}]") for k in range(K) for t, g in enumerate(grads[k])]
-    shape = dtype = None
-    for i, g in enumerate(flat):
-        _dtype(g, f"task_grads[{i // max(T, 1)}][{i % max(T, 1)}]", _FLOATS)
-        if g.dim() != 2:
-            raise ValueError(f"task gradients must be 2-D, got shape {tuple(g.shape)}")
-        if shape is None:
-            shape, dtype = tuple(g.shape), g.dtype
-        elif tuple(g.shape) != shape or g.dtype != dtype:
-            raise ValueError(f"all task gradients must share one shape and dtype, got {shape}/{dtype} "
-                             f"and {tuple(g.shape)}/{g.dtype}")
+    shape, dtype = _same_matrices(flat, [f"task_grads[{i // max(T, 1)}][{i % max(T, 1)}]" for i in range(len(flat))],
+                                  "task gradients")
     exp_avgs = _seq(exp_avgs, "exp_avgs", K)
     exp_avg_sqs = _seq(exp_avg_sqs, "exp_avg_sqs", K)
     if K and T == 0:
@@ -525,16 +532,7 @@ def back_project_update(
     K = len(weights)
     coeffs = [_float(c, f"coeffs[{s}]") for s, c in enumerate(_seq(coeffs, "coeffs"))]
     S = len(coeffs)
-    shape = dtype = None
-    for k, w in enumerate(weights):
-        _dtype(w, f"weights[{k}]", _FLOATS)
-        if w.dim() != 2:
-            raise ValueError(f"weights[{k}] must be 2-D, got shape {tuple(w.shape)}")
-        if shape is None:
-            shape, dtype = tuple(w.shape), w.dtype
-        elif tuple(w.shape) != shape or w.dtype != dtype:
-            raise ValueError(f"all weights must share one shape and dtype, got {shape}/{dtype} and "
-                             f"{tuple(w.shape)}/{w.dtype}")
+    shape, dtype = _same_matrices(weights, [f"weights[{k}]" for k in range(len(weights))], "weights")
     lr = _float(lr, "lr")
     weight_decay = _float(weight_decay, "weight_decay")
     deltas = _seq(deltas, "deltas", K)

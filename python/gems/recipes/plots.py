@@ -40,13 +40,7 @@ def plot_validation(curves: Mapping[str, Sequence[Mapping[str, Any]]], path: str
         ax.set_ylabel(metric.upper())
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
-    if title:
-        fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path, title)
 
 
 def plot_conflict(history: Sequence[Mapping[str, Any]], path: str, *, pair: str = "search-rec", title: str = "") -> str:
@@ -96,6 +90,12 @@ def plot_conflict(history: Sequence[Mapping[str, Any]], path: str, *, pair: str 
     ax1.set_title("summary over layers", fontsize=9)
     ax1.set_xlabel("step")
     ax1.grid(alpha=0.3)
+    return _save(fig, path, title)
+
+
+def _save(fig, path: str, title: str | None) -> str:
+    """Title, layout, write the PNG (creating its folder) and free the figure."""
+    plt = _plt()
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()

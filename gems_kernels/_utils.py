@@ -96,6 +96,20 @@ def first_matrix(t, what: str, dtype_what: str) -> tuple[int, int, torch.dtype, 
     return int(t.shape[0]), int(t.shape[1]), t.dtype, t.device
 
 
+def subspace_ranks(bases0, S: int, side: str, M: int, N: int) -> tuple[list[int], list[tuple[int, int]]]:
+    """Rank of each of the S subspaces (from the first weight's bases, checked to be D×r) and the matching
+    coordinate shapes: (r, N) for the left side, (M, r) for the right."""
+    D = M if side == "left" else N
+    ranks = []
+    for s in range(S):
+        b = bases0[s]
+        if not isinstance(b, torch.Tensor) or b.dim() != 2 or b.shape[0] != D:
+            raise ValueError(f"bases[0][{s}] must be {D}×r (side {side!r} of a {M}×{N} weight), got "
+                             f"{tuple(getattr(b, 'shape', ()))}")
+        ranks.append(int(b.shape[1]))
+    return ranks, [(r, N) if side == "left" else (M, r) for r in ranks]
+
+
 def check_int32_extent(numel: int, what: str) -> None:
     if numel > _INT32_MAX:
         raise ValueError(f"{what} has {numel} elements; the kernels index with int32 offsets (< 2^31)")

@@ -224,14 +224,7 @@ def project_adam(
             grads[k][t] = g.contiguous()
 
     D = M if side == "left" else N
-    ranks = []
-    for s in range(S):
-        b = bases[0][s]
-        if not isinstance(b, torch.Tensor) or b.dim() != 2 or b.shape[0] != D:
-            raise ValueError(f"bases[0][{s}] must be {D}×r (side {side!r} of a {M}×{N} weight), got "
-                             f"{tuple(getattr(b, 'shape', ()))}")
-        ranks.append(int(b.shape[1]))
-    coord = [(r, N) if side == "left" else (M, r) for r in ranks]
+    ranks, coord = U.subspace_ranks(bases[0], S, side, M, N)
     writeback = []  # (original, contiguous copy) pairs for in-place outputs that were not contiguous
     for k in range(K):
         for s in range(S):

@@ -1,10 +1,14 @@
 """Data-parallel training: GEMS averages the per-task gradients across ranks itself.
 
-``opt.backward`` computes task gradients with ``torch.autograd.grad``, which DDP's reducer does not see, so
-GEMS all-reduces its own stash at ``step`` (one flat buffer per task) and broadcasts refreshed bases from
-rank 0 so that every rank projects with the same bases. Use a plain (unwrapped) model, or DDP under
-``no_sync()``, with ``opt.backward``; a single-task ``loss.backward()`` relies on DDP as usual."""
+``opt.backward`` computes task gradients with ``torch.autograd.grad`` (or, with ``stash="projected"``,
+projects them as autograd produces them), which DDP's reducer does not see, so GEMS all-reduces its own
+stash at ``step`` (one flat buffer per task: full gradients and coordinates alike, projection being linear)
+and broadcasts refreshed bases from rank 0 so that every rank projects with the same bases. Use a plain
+(unwrapped) model, or DDP under ``no_sync()``, with ``opt.backward``; a single-task ``loss.backward()``
+relies on DDP as usual."""
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.distributed as dist
@@ -15,26 +19,54 @@ def should_sync(mode: str) -> bool:
     return mode == "auto" and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def all_reduce_task_gradients(stash, params: list[Tensor]) -> None:
+def all_reduce_task_gradients(stash, params: list[Tensor], layout: dict | None = None) -> None:
     """Replace each rank's task gradients by the sample-weighted mean over ranks: Σ_r N_t^r·G_t^r / Σ_r N_t^r,
-    the gradient of the task's mean loss over the concatenated batch."""
+    the gradient of the task's mean loss over the concatenated batch.
+
+    ``layout`` maps the id of each weight held as coordinates (``stash="projected"``) to its coordinate
+    shape per task; every other parameter travels as a full gradient. Squared norms are averaged the same
+    way (an estimate: the norm of a mean is not the mean of norms) and a non-finite gradient on any rank
+    marks the weight non-finite on all."""
+    layout = layout or {}
     world = dist.get_world_size()
+    device = params[0].device
     for t in stash.tasks:
-        grads = stash.grads[t]
+        grads, coords, sqnorms = stash.grads[t], stash.coords[t], stash.sqnorms[t]
         n_local = stash.samples[t]
-        device = params[0].device
-        flat = torch.cat([(grads[id(p)].float() * n_local).flatten() if id(p) in grads
-                          else torch.zeros(p.numel(), device=device) for p in params])
+        pieces = []
+        for p in params:
+            shape = layout.get(id(p), {}).get(t)
+            held = coords.get(id(p)) if shape is not None else grads.get(id(p))
+            size = math.prod(shape) if shape is not None else p.numel()
+            pieces.append((held.float() * n_local).flatten() if held is not None
+                          else torch.zeros(size, device=device))
+        projected = [p for p in params if id(p) in layout]
+        sq = torch.stack([sqnorms[id(p)].float() * n_local if id(p) in sqnorms else torch.zeros((), device=device)
+                          for p in projected]) if projected else torch.zeros(0, device=device)
+        bad = torch.tensor([float(id(p) in stash.nonfinite) for p in projected], device=device)
+        flat = torch.cat(pieces)
         meta = torch.tensor([n_local, stash.loss_sum[t]], dtype=torch.float64, device=device)
-        dist.all_reduce(flat)
-        dist.all_reduce(meta)
+        for buf in (flat, sq, meta):
+            dist.all_reduce(buf)
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
         n_total = float(meta[0])
         if n_total > 0:
             flat.div_(n_total)
+            sq.div_(n_total)
         offset = 0
         for p in params:
-            grads[id(p)] = flat[offset:offset + p.numel()].view_as(p).to(p.dtype).clone()
-            offset += p.numel()
+            shape = layout.get(id(p), {}).get(t)
+            size = math.prod(shape) if shape is not None else p.numel()
+            chunk = flat[offset:offset + size]
+            if shape is not None:
+                coords[id(p)] = chunk.view(shape).clone()
+            else:
+                grads[id(p)] = chunk.view_as(p).to(p.dtype).clone()
+            offset += size
+        for i, p in enumerate(projected):
+            sqnorms[id(p)] = sq[i].clone()
+            if bad[i] > 0:
+                stash.nonfinite.add(id(p))
         stash.samples[t] = n_total
         stash.loss_sum[t] = float(meta[1]) / world
 

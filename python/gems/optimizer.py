@@ -25,6 +25,8 @@ NULLSPACE_MODES = ("update", "gradient")
 STATE_TRANSFERS = ("keep", "rotate", "reset")
 MAX_GAP_FACTOR = 8
 NULLSPACE_DECAYS = ("project", "full")
+STASHES = ("full", "projected")
+REFRESH_SCHEDULES = ("aligned", "staggered")
 
 
 def _finite(t: Tensor) -> bool:
@@ -72,6 +74,9 @@ class GemsOptimizer(torch.optim.Optimizer):
         adaptive_refresh: float | None = None,
         seed: int = 0,
         sync: str = "auto",
+        stash: str = "full",
+        refresh_schedule: str = "aligned",
+        target_embeddings: bool = False,
     ) -> None:
         if not isinstance(inner, torch.optim.Optimizer):
             raise TypeError(f"inner must be a torch.optim.Optimizer instance, got {type(inner).__name__}")
@@ -103,6 +108,14 @@ class GemsOptimizer(torch.optim.Optimizer):
             raise ValueError(f"nullspace_mode must be one of {NULLSPACE_MODES}, got {nullspace_mode!r}")
         if nullspace_weight_decay not in NULLSPACE_DECAYS:
             raise ValueError(f"nullspace_weight_decay must be one of {NULLSPACE_DECAYS}, got {nullspace_weight_decay!r}")
+        if stash not in STASHES:
+            raise ValueError(f"stash must be one of {STASHES}, got {stash!r}")
+        if refresh_schedule not in REFRESH_SCHEDULES:
+            raise ValueError(f"refresh_schedule must be one of {REFRESH_SCHEDULES}, got {refresh_schedule!r}")
+        if not isinstance(target_embeddings, bool):
+            raise TypeError(f"target_embeddings must be a bool, got {target_embeddings!r}")
+        if target_embeddings and model is None:
+            raise ValueError("target_embeddings=True needs model= (embeddings are found among its modules)")
 
         self.inner = inner
         self.rank, self.task_rank, self.update_proj_gap, self.scale = rank, task_rank, update_proj_gap, float(scale)
@@ -114,6 +127,7 @@ class GemsOptimizer(torch.optim.Optimizer):
         self._update_stats: dict[str, dict[str, float]] = {}
         self.track_update_stats = False
         self.backend_request = backend
+        self.stash, self.refresh_schedule, self.target_embeddings = stash, refresh_schedule, target_embeddings
         self._task_grads = TaskGradients(self.tasks)
         self.last_gates: dict[str, float] = {t: 1.0 / len(self.tasks) for t in self.tasks}
         self.last_skipped: list[str] = []
@@ -145,6 +159,8 @@ class GemsOptimizer(torch.optim.Optimizer):
             model = unwrap(model)
             modules = select_linear_modules(model, target_modules)
             named = [(f"{n}.weight", m.weight) for n, m in modules]
+            if self.target_embeddings:
+                named += [(f"{n}.weight", m.weight) for n, m in model.named_modules() if isinstance(m, nn.Embedding)]
         else:
             if target_modules is not None:
                 raise ValueError("target_modules needs model=")
@@ -252,11 +268,95 @@ class GemsOptimizer(torch.optim.Optimizer):
         gradient is Σ_t (N_t / N)·G_t, the gradient a mixed batch would give. Omitted: equal weights."""
         counts = self._task_grads.check_inputs(losses, num_samples)
         params = [p for p in self._all_params if p.requires_grad]
-        for i, t in enumerate(self.tasks):
-            keep = retain_graph or i < len(self.tasks) - 1  # the task losses may share one forward graph
-            grads = torch.autograd.grad(losses[t], params, retain_graph=keep, allow_unused=True)
-            self._task_grads.add(t, params, grads, float(losses[t].detach()), counts[t])
+        if self.stash == "projected":
+            self._backward_projected(losses, counts, params, retain_graph)
+        else:
+            for i, t in enumerate(self.tasks):
+                keep = retain_graph or i < len(self.tasks) - 1  # the task losses may share one forward graph
+                grads = torch.autograd.grad(losses[t], params, retain_graph=keep, allow_unused=True)
+                self._task_grads.add(t, params, grads, float(losses[t].detach()), counts[t])
         self._task_grads.calls += 1
+
+    def _backward_projected(self, losses, counts: dict[str, float], params: list[Tensor], retain_graph: bool) -> None:
+        """``stash="projected"``: every parameter's gradient is handled the moment autograd has accumulated it
+        (a post-accumulate-grad hook), so no full set of task gradients is ever alive.
+
+        A targeted weight with bases is projected at once onto [B_sh, B_t] and only its coordinates are kept.
+        A weight due for a refresh keeps the full gradients of the first T−1 tasks; when the last task's
+        gradient arrives its bases are refreshed from this call's gradients and all T are projected (with
+        gradient accumulation the bases come from the first micro-batch of the step; under DDP the refresh
+        waits for the step, where the gradients are averaged first). Other parameters keep full gradients."""
+        stash = self._task_grads
+        total = sum(counts.values())
+        mix = [counts[t] / total for t in self.tasks]
+        by_id = {id(w.param): w for w in self._subspaces}
+        refresh_here = not distributed.should_sync(self.sync)
+        due = {k for k, w in by_id.items() if w.step >= w.next_refresh and k not in stash.refreshed}
+        held = {}
+        for p in params:  # the user's own .grad (if any) is set aside, untouched
+            held[id(p)] = p.grad
+            p.grad = None
+        last_task = self.tasks[-1]
+
+        def on_grad(p: Tensor, task: str) -> None:
+            g, p.grad = p.grad, None
+            w = by_id.get(id(p))
+            if w is None or (id(p) in due and not (refresh_here and task == last_task)):
+                stash.add_full(task, p, g)
+            elif id(p) in due:
+                earlier = [stash.grads[t].pop(id(p), None) for t in self.tasks[:-1]]
+                self._refresh_in_backward(w, [*earlier, g], mix)
+            else:
+                self._stash_projected(w, task, g)
+
+        try:
+            for i, t in enumerate(self.tasks):
+                keep = retain_graph or i < len(self.tasks) - 1
+                handles = [p.register_post_accumulate_grad_hook(lambda q, t=t: on_grad(q, t)) for p in params]
+                try:
+                    torch.autograd.backward(losses[t], inputs=params, retain_graph=keep)
+                finally:
+                    for h in handles:
+                        h.remove()
+                stash.count(t, float(losses[t].detach()), counts[t])
+        finally:
+            for p in params:
+                p.grad = held[id(p)]
+
+    def _stash_projected(self, w: WeightSubspaces, task: str, g: Tensor) -> None:
+        key = id(w.param)
+        if key in self._task_grads.nonfinite:
+            return
+        if not _finite(g):
+            self._task_grads.nonfinite.add(key)
+            return
+        sq = torch.linalg.vector_norm(g, dtype=torch.float32).square()
+        g = g.float()
+        if self.nullspace_mode == "gradient" and w.protected is not None:
+            g = nsp.project_gradient(g, w.protected, w.protect_side)
+        self._task_grads.add_projected(task, key, reference.project(g, self._task_bases(w, task), w.side), sq)
+
+    def _refresh_in_backward(self, w: WeightSubspaces, grads: list[Tensor | None], mix: list[float]) -> None:
+        """Refresh ``w`` from this call's task gradients, then stash them projected."""
+        grads = [g if g is not None else torch.zeros_like(w.param) for g in grads]
+        if not all(_finite(g) for g in grads):
+            self._task_grads.nonfinite.add(id(w.param))
+            return
+        used = grads
+        if self.nullspace_mode == "gradient" and w.protected is not None:
+            used = [nsp.project_gradient(g, w.protected, w.protect_side) for g in grads]
+        shared = reference.shared_gradient(used, mix) if len(used) > 1 else used[0].float()
+        old = w.refresh(shared, dict(zip(self.tasks, used)), task_basis=self.task_basis,
+                        method=self.refresh_method, generator=self._generator(w))
+        del shared, used
+        self._after_refresh(w, old)
+        self._task_grads.refreshed.add(id(w.param))
+        for t, g in zip(self.tasks, grads):
+            self._stash_projected(w, t, g)
+
+    def _task_bases(self, w: WeightSubspaces, task: str) -> Tensor:
+        """[B_sh, B_t] (work bases): one projection gives the shared and the task coordinates."""
+        return torch.cat([w.work_bases[SHARED], w.work_bases[task]], dim=1) if w.ranks[task] else w.work_bases[SHARED]
 
     def shared_grad_norm(self) -> float:
         """L2 norm, over every parameter, of the shared gradient Σ_t (N_t/N)·G_t the stash holds now."""
@@ -271,7 +371,27 @@ class GemsOptimizer(torch.optim.Optimizer):
             if any(g is not None for g in grads):
                 shared = reference.shared_gradient([g if g is not None else torch.zeros_like(p) for g in grads], weights)
                 total += float(torch.linalg.vector_norm(shared)) ** 2
-        return math.sqrt(total)
+        return math.sqrt(total + self._projected_shared_sq(weights))
+
+    def _projected_shared_sq(self, weights: list[float]) -> float:
+        """‖Σ_t w_t·G_t‖² of the weights held as coordinates (``stash="projected"``), estimated from what was
+        kept: Σ_t w_t²‖G_t‖² (exact) + 2Σ_{s<t} w_s·w_t·⟨G_s, G_t⟩, the cross terms measured in the shared
+        subspace (exact when the tasks' gradients overlap only there, as the shared basis is built to capture)."""
+        stash = self._task_grads
+        total = 0.0
+        for w in self._subspaces:
+            key = id(w.param)
+            r_sh = w.ranks[SHARED]
+            shared = []
+            for t, wt in zip(self.tasks, weights):
+                if key in stash.sqnorms[t]:
+                    total += wt * wt * float(stash.sqnorms[t][key])
+                    c = stash.coords[t][key]
+                    shared.append((c[:r_sh] if w.side == "left" else c[:, :r_sh]) * wt)
+            for i in range(len(shared)):
+                for j in range(i + 1, len(shared)):
+                    total += 2 * float((shared[i] * shared[j]).sum())
+        return max(total, 0.0)
 
     def clip_grad_norm_(self, max_norm: float) -> Tensor:
         """Clip like ``torch.nn.utils.clip_grad_norm_`` on the shared (mixed-batch) gradient: when its norm
@@ -284,9 +404,7 @@ class GemsOptimizer(torch.optim.Optimizer):
                 for p in self._all_params:
                     if p.grad is not None:
                         p.grad.mul_(coef)
-            for grads in self._task_grads.grads.values():
-                for g in grads.values():
-                    g.mul_(coef)
+            self._task_grads.scale_(coef)
         return torch.tensor(norm)
 
     def _gather_gradients(self) -> tuple[dict[int, list[Tensor | None]], list[float]]:
@@ -300,7 +418,7 @@ class GemsOptimizer(torch.optim.Optimizer):
                                    "instead of loss.backward() so each task's gradient is known")
             return {id(w.param): [w.param.grad] for w in self._subspaces}, [1.0]
         if distributed.should_sync(self.sync):
-            distributed.all_reduce_task_gradients(stash, self._all_params)
+            distributed.all_reduce_task_gradients(stash, self._all_params, self._coordinate_layout())
         weights = stash.shared_weights()
         per_weight = {}
         for w in self._subspaces:
@@ -314,6 +432,15 @@ class GemsOptimizer(torch.optim.Optimizer):
             p.grad = combined.to(p.dtype)
         return per_weight, weights
 
+    def _coordinate_layout(self) -> dict[int, dict[str, tuple[int, int]]]:
+        """For ``stash="projected"``: the weights whose task gradients are held as coordinates this step and
+        the coordinate shape per task (the same on every rank: under DDP nothing is refreshed in backward)."""
+        if self.stash != "projected":
+            return {}
+        return {id(w.param): {t: reference.coord_shape(w.param.shape, w.side, w.ranks[SHARED] + w.ranks[t])
+                              for t in self.tasks}
+                for w in self._subspaces if w.bases[SHARED] is not None and w.step < w.next_refresh}
+
     def _gates(self, per_weight: dict[int, list[Tensor | None]]) -> list[float]:
         if self.single_task or not isinstance(self.gating, str) or self.gating == "uniform":
             return compute_gates(self.gating, self.tasks, None, None, None)
@@ -322,6 +449,8 @@ class GemsOptimizer(torch.optim.Optimizer):
             for i, g in enumerate(grads):
                 if g is not None:
                     sq[i] += float(torch.linalg.vector_norm(g, dtype=torch.float32)) ** 2
+        for i, t in enumerate(self.tasks):  # stash="projected": norms taken when the gradients arrived
+            sq[i] += sum(float(v) for k, v in self._task_grads.sqnorms[t].items() if k not in self._task_grads.nonfinite)
         norms = [math.sqrt(s) for s in sq]
         return compute_gates(self.gating, self.tasks, self._task_grads.mean_losses(), norms,
                              [self._task_grads.samples[t] for t in self.tasks])
@@ -348,8 +477,21 @@ class GemsOptimizer(torch.optim.Optimizer):
         skipped: list[str] = []
         work: list[tuple[WeightSubspaces, Tensor, list[Tensor]]] = []
         refreshed: list[WeightSubspaces] = []
+        stash = self._task_grads
         for w in self._subspaces:
+            if id(w.param) in stash.nonfinite:
+                skipped.append(w.name)
+                continue
             grads = per_weight.get(id(w.param))
+            coords = [stash.coords[t].get(id(w.param)) for t in self.tasks]
+            if any(c is not None for c in coords):  # stash="projected": coordinates only
+                if grads is not None and any(g is not None for g in grads):
+                    coords = self._merge_late_full(w, grads, coords)
+                    if coords is None:
+                        skipped.append(w.name)
+                        continue
+                work.append((w, shared_w, coords, True))
+                continue
             if grads is None or all(g is None for g in grads):
                 continue  # no gradient at all: like torch, the weight is not stepped
             grads = [g if g is not None else torch.zeros_like(w.param) for g in grads]
@@ -364,7 +506,7 @@ class GemsOptimizer(torch.optim.Optimizer):
                                 method=self.refresh_method, generator=self._generator(w))
                 del shared
                 refreshed.append((w, old))
-            work.append((w, shared_w, grads))
+            work.append((w, shared_w, grads, False))
         if refreshed and distributed.should_sync(self.sync):
             distributed.broadcast_bases([w for w, _ in refreshed])
         for w, old in refreshed:
@@ -390,52 +532,78 @@ class GemsOptimizer(torch.optim.Optimizer):
         if self.adaptive_refresh is not None:
             similar = w.basis_similarity(old) >= self.adaptive_refresh
             w.gap_factor = min(2 * w.gap_factor, MAX_GAP_FACTOR) if similar else 1
-        w.next_refresh = w.step + self.update_proj_gap * w.gap_factor
+        gap = self.update_proj_gap * w.gap_factor
+        if self.refresh_schedule == "staggered" and old.get(SHARED) is None:
+            # first bases: weight i refreshes next after (i+1)/N of a gap, so later refreshes are spread one
+            # weight (or a few) per step instead of all weights on the same step (no stall, no memory spike)
+            gap = max(1, ((w.index + 1) * self.update_proj_gap) // len(self._subspaces))
+        w.next_refresh = w.step + gap
         w.transfer_state(old, self.inner.state, self.state_transfer)
         w.fold_nullspace(self.nullspace_mode)
+
+    def _merge_late_full(self, w: WeightSubspaces, grads, coords) -> list[Tensor | None] | None:
+        """A projected weight that also got full gradients (a task that first reached it in a later
+        micro-batch of a refresh step): project those too. None if one is not finite."""
+        out = list(coords)
+        for i, (t, g) in enumerate(zip(self.tasks, grads)):
+            if g is None:
+                continue
+            if not _finite(g):
+                return None
+            proj = reference.project(g.float(), self._task_bases(w, t), w.side)
+            out[i] = proj if out[i] is None else out[i].add_(proj)
+        return out
 
     def _inner_step(self, work) -> dict[int, dict[str, Tensor]]:
         """Generic path, any inner optimizer: coordinates get the projected gradients, the inner optimizer
         steps, and each coordinate's new value is its update δ."""
-        for w, shared_w, grads in work:
+        for w, shared_w, grads, projected in work:
             w.materialize_coords()
-            for s, r in self._projections(w, grads, shared_w).items():
+            projs = grads if projected else self._task_projections(w, grads)
+            for s, r in self._combine(w, projs, shared_w).items():
                 w.coords[s].grad = r
         try:
             self.inner.step()
         except BaseException:
-            for w, _, _ in work:
+            for w, *_ in work:
                 w.release_coords()
             raise
         deltas = {}
-        for w, _, _ in work:
+        for w, *_ in work:
             deltas[w.index] = {s: w.coords[s].data for s in w.subspaces()}
             for c in w.coords.values():
                 c.grad = None
         return deltas
 
-    def _projections(self, w: WeightSubspaces, grads: list[Tensor], shared_w: list[float]) -> dict[str, Tensor]:
-        """Coordinates of every subspace's gradient: R_sh = Σ_t w_t·project(G_t, B_sh) and R_t = project(G_t, B_t),
-        each task gradient read once against [B_sh, B_t] (the shared gradient is never materialised)."""
+    def _task_projections(self, w: WeightSubspaces, grads: list[Tensor]) -> list[Tensor]:
+        """Each task gradient read once against [B_sh, B_t] (the shared gradient is never materialised)."""
+        return [reference.project(g.float(), self._task_bases(w, t), w.side) for t, g in zip(self.tasks, grads)]
+
+    def _combine(self, w: WeightSubspaces, projs: list[Tensor | None], shared_w: list[float]) -> dict[str, Tensor]:
+        """Coordinates of every subspace's gradient from each task's [B_sh, B_t] coordinates:
+        R_sh = Σ_t w_t·B_shᵀG_t and R_t = B_tᵀG_t (a task without gradient contributes zeros)."""
         out: dict[str, Tensor] = {}
         r_sh = w.ranks[SHARED]
-        for t, g, wt in zip(self.tasks, grads, shared_w):
-            g = g.float()
-            both = torch.cat([w.work_bases[SHARED], w.work_bases[t]], dim=1) if w.ranks[t] else w.work_bases[SHARED]
-            proj = reference.project(g, both, w.side)
+        for t, proj, wt in zip(self.tasks, projs, shared_w):
+            if proj is None:
+                if w.ranks[t]:
+                    out[t] = torch.zeros(w.coord_shape(t), device=w.param.device)
+                continue
             part_sh, part_t = (proj[:r_sh], proj[r_sh:]) if w.side == "left" else (proj[:, :r_sh], proj[:, r_sh:])
             if SHARED in out:
                 out[SHARED].add_(part_sh, alpha=wt)
             else:
-                out[SHARED] = part_sh.mul(wt) if len(grads) > 1 else part_sh.contiguous()
+                out[SHARED] = part_sh.mul(wt) if len(projs) > 1 else part_sh.contiguous()
             if w.ranks[t]:
                 out[t] = part_t.contiguous()
+        if SHARED not in out:
+            out[SHARED] = torch.zeros(w.coord_shape(SHARED), device=w.param.device)
         return out
 
     def _fused_adam(self) -> bool:
         """Whether the kernel backend can run the whole subspace step itself: torch Adam/AdamW with the
         standard flags, whose state tensors (step, exp_avg, exp_avg_sq) it then updates directly."""
-        if self.backend == "torch" or type(self.inner) not in (torch.optim.Adam, torch.optim.AdamW):
+        if self.backend == "torch" or self.stash == "projected" or type(self.inner) not in (torch.optim.Adam, torch.optim.AdamW):
             return False
         return all(not g.get("amsgrad") and not g.get("maximize") and not g.get("capturable")
                    and not g.get("differentiable") for g in self.inner.param_groups)
@@ -443,7 +611,7 @@ class GemsOptimizer(torch.optim.Optimizer):
     def _fused_project_adam(self, work, shared_w) -> dict[int, dict[str, Tensor]]:
         mod = backend_module(self.backend)
         groups: dict[tuple, list] = {}
-        for w, _, grads in work:
+        for w, _, grads, _ in work:
             for c in w.coords.values():
                 c.grad = None
             key = (tuple(w.param.shape), w.param.dtype, w.side, tuple(w.ranks.items()), id(w.group), w.step)
@@ -500,7 +668,7 @@ class GemsOptimizer(torch.optim.Optimizer):
         every weight of one shape, dtype, side, ranks and param group in one call)."""
         mod = backend_module(self.backend)
         batches: dict[tuple, list] = {}
-        for w, _, _ in work:
+        for w, *_ in work:
             ds = deltas[w.index]
             if w.delta_projector is not None:
                 ds = {s: nsp.project_update(d, w.delta_projector, w.protect_side) for s, d in ds.items()}
@@ -528,7 +696,7 @@ class GemsOptimizer(torch.optim.Optimizer):
                  for w, ds in members],
                 side=w0.side, lr=float(w0.group["lr"]), weight_decay=float(w0.group.get("weight_decay", 0.0)),
                 decay_bases=[self._decay_basis(w) for w, _ in members], decay_side=nsp.acts_on(w0.protect_side))
-        for w, _, _ in work:
+        for w, *_ in work:
             w.release_coords()
             w.step += 1
 
@@ -598,6 +766,8 @@ class GemsOptimizer(torch.optim.Optimizer):
                 "update_proj_gap": self.update_proj_gap, "scale": self.scale, "proj_type": self.proj_type,
                 "task_basis": self.task_basis, "refresh": self.refresh_method,
                 "state_transfer": self.state_transfer, "adaptive_refresh": self.adaptive_refresh,
+                "stash": self.stash, "refresh_schedule": self.refresh_schedule,
+                "target_embeddings": self.target_embeddings,
                 "gating": dict(self.gating) if isinstance(self.gating, dict) else self.gating}
 
     def state_dict(self) -> dict[str, Any]:

@@ -49,7 +49,11 @@ def validate_gating(gating, tasks: Sequence[str]):
 
 
 class TaskGradients:
-    """Per-task gradient sums over micro-batches, with the loss and sample counts the gates need."""
+    """Per-task gradient sums over micro-batches, with the loss and sample counts the gates need.
+
+    ``grads[t][id(p)]``: full gradients. With ``stash="projected"`` a targeted weight's task gradient is
+    instead kept as ``coords[t][id(W)]``, its coordinates against [B_sh, B_t] (what the step needs between
+    refreshes), plus ``sqnorms[t][id(W)]`` (Σ over micro-batches of ‖G_t‖², for the gates and clipping)."""
 
     def __init__(self, tasks: Sequence[str]):
         self.tasks = list(tasks)
@@ -57,6 +61,10 @@ class TaskGradients:
 
     def clear(self) -> None:
         self.grads: dict[str, dict[int, Tensor]] = {t: {} for t in self.tasks}
+        self.coords: dict[str, dict[int, Tensor]] = {t: {} for t in self.tasks}
+        self.sqnorms: dict[str, dict[int, Tensor]] = {t: {} for t in self.tasks}
+        self.nonfinite: set[int] = set()  # projected weights that saw a NaN/Inf gradient this step
+        self.refreshed: set[int] = set()  # weights whose bases were refreshed during this step's backward
         self.loss_sum = {t: 0.0 for t in self.tasks}
         self.samples = {t: 0.0 for t in self.tasks}
         self.calls = 0
@@ -87,22 +95,49 @@ class TaskGradients:
         return counts
 
     def add(self, task: str, params: Sequence[Tensor], grads: Sequence[Tensor | None], loss: float, samples: float):
-        stash = self.grads[task]
         seen: set[int] = set()
         for p, g in zip(params, grads):
-            if g is None:
-                continue
-            key = id(p)
-            if key in stash:
-                stash[key].add_(g)
-                continue
-            # autograd.grad hands back fresh tensors: keep them, unless one is an expanded view or is shared
-            # by two parameters (then in-place accumulation would write through it), and copy those only.
-            fresh = g.is_contiguous() and g.data_ptr() not in seen
-            seen.add(g.data_ptr())
-            stash[key] = g.detach() if fresh else g.detach().clone(memory_format=torch.contiguous_format)
+            if g is not None:
+                self.add_full(task, p, g, seen)
+        self.count(task, loss, samples)
+
+    def count(self, task: str, loss: float, samples: float) -> None:
         self.loss_sum[task] += loss
         self.samples[task] += samples
+
+    def add_full(self, task: str, p: Tensor, g: Tensor, seen: set[int] | None = None) -> None:
+        stash = self.grads[task]
+        key = id(p)
+        if key in stash:
+            stash[key].add_(g)
+            return
+        # autograd hands back fresh tensors: keep them, unless one is an expanded view or is shared by two
+        # parameters (then in-place accumulation would write through it), and copy those only.
+        fresh = g.is_contiguous() and (seen is None or g.data_ptr() not in seen)
+        if seen is not None:
+            seen.add(g.data_ptr())
+        stash[key] = g.detach() if fresh else g.detach().clone(memory_format=torch.contiguous_format)
+
+    def add_projected(self, task: str, key: int, coords: Tensor, sqnorm: Tensor) -> None:
+        if key in self.coords[task]:
+            self.coords[task][key].add_(coords)
+            self.sqnorms[task][key].add_(sqnorm)
+        else:
+            self.coords[task][key] = coords
+            self.sqnorms[task][key] = sqnorm
+
+    def scale_(self, coef: float) -> None:
+        """Multiply every stashed gradient by ``coef`` (gradient clipping)."""
+        for t in self.tasks:
+            for g in (*self.grads[t].values(), *self.coords[t].values()):
+                g.mul_(coef)
+            for sq in self.sqnorms[t].values():
+                sq.mul_(coef * coef)
+
+    def held_bytes(self) -> int:
+        """Bytes of every stashed gradient and coordinate tensor."""
+        return sum(g.numel() * g.element_size() for t in self.tasks
+                   for g in (*self.grads[t].values(), *self.coords[t].values()))
 
     def shared_weights(self) -> list[float]:
         total = sum(self.samples.values())

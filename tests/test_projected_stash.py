@@ -1,0 +1,216 @@
+"""stash="projected" (task gradients kept as coordinates, projected as autograd produces them),
+refresh_schedule="staggered" and target_embeddings=True."""
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import gems
+from gems import reference
+from helpers import make_model, make_opt, task_batches, task_losses, train
+
+
+def _run_pair(steps=12, seed=50, **kw):
+    out = []
+    for stash in ("full", "projected"):
+        model = make_model(seed)
+        opt = make_opt(model, stash=stash, **kw)
+        train(model, opt, task_batches(steps, seed=seed + 1), num_samples={"a": 3, "b": 5})
+        out.append((model, opt))
+    return out
+
+
+@pytest.mark.parametrize("kw", [
+    {},
+    {"proj_type": "reverse_std", "task_basis": "independent"},
+    {"inner_cls": torch.optim.SGD, "inner_kw": {"lr": 1e-2, "momentum": 0.9}, "gating": "uniform"},
+    {"refresh": "subspace_iter", "state_transfer": "rotate"},
+])
+def test_projected_stash_trains_exactly_like_the_full_stash(kw):
+    """One micro-batch per step: same bases, same coordinates, same gates, same weights (refreshes at 0, 5, 10)."""
+    (m_full, o_full), (m_proj, o_proj) = _run_pair(**kw)
+    for p, q in zip(m_full.parameters(), m_proj.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6)
+    for a, b in zip(o_full.subspaces, o_proj.subspaces):
+        assert a.step == b.step == 12 and a.next_refresh == b.next_refresh
+        for s in a.subspaces():
+            torch.testing.assert_close(b.bases[s], a.bases[s], rtol=1e-4, atol=1e-5)
+    assert o_full.last_gates == pytest.approx(o_proj.last_gates, rel=1e-5)
+
+
+def test_no_full_gradient_of_a_targeted_weight_is_held():
+    model = make_model(51)
+    opt = make_opt(model, stash="projected")
+    targeted = {id(w.param) for w in opt.subspaces}
+    for i, batch in enumerate(task_batches(7, seed=52)):
+        opt.backward(task_losses(model, batch))
+        stash = opt._task_grads
+        for t in ("a", "b"):
+            assert not targeted & set(stash.grads[t]), f"step {i}: a full targeted gradient is stashed"
+            assert set(stash.coords[t]) == targeted
+        if i in (0, 5):  # refresh steps: the bases were refreshed in backward, from both tasks' gradients
+            assert stash.refreshed == targeted
+        else:
+            assert not stash.refreshed
+        assert all(p.grad is None for p in model.parameters())
+        opt.step()
+        opt.zero_grad()
+
+
+def test_user_grad_is_left_alone_and_coordinates_match_full_projection_over_micro_batches():
+    model = make_model(53)
+    opt = make_opt(model, stash="projected")
+    train(model, opt, task_batches(1, seed=54))  # step 0: bases
+    user = {n: torch.full_like(p, 7.0) for n, p in model.named_parameters()}
+    for n, p in model.named_parameters():
+        p.grad = user[n].clone()
+    micro = task_batches(2, seed=55)
+    for b in micro:
+        opt.backward(task_losses(model, b))
+    for n, p in model.named_parameters():
+        assert torch.equal(p.grad, user[n])
+    for w in opt.subspaces:
+        for t in ("a", "b"):
+            full = sum(torch.autograd.grad(task_losses(model, b)[t], [w.param])[0] for b in micro)
+            both = torch.cat([w.work_bases["shared"], w.work_bases[t]], dim=1)
+            torch.testing.assert_close(opt._task_grads.coords[t][id(w.param)], reference.project(full, both, w.side),
+                                       rtol=1e-5, atol=1e-6)
+
+
+def test_projected_non_finite_gradient_skips_the_weight_untouched():
+    model = make_model(56)
+    opt = make_opt(model, stash="projected")
+    train(model, opt, task_batches(2, seed=57))
+    params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    state = copy.deepcopy(opt.state_dict())
+    losses = task_losses(model, task_batches(1, seed=58)[0])
+    losses["a"] = losses["a"] + float("nan") * model.mid.weight.sum()
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        opt.backward(losses)
+        opt.step()
+    assert opt.last_skipped == ["mid.weight"]
+    assert torch.equal(model.mid.weight, params["mid.weight"])
+    mid = next(w for w in opt.subspaces if w.name == "mid.weight")
+    assert mid.step == int(next(s for s in state["weights"] if s["name"] == "mid.weight")["step"])
+    assert not torch.equal(model.inp.weight, params["inp.weight"])
+
+
+def test_projected_non_finite_gradient_on_a_refresh_step_keeps_the_old_bases():
+    model = make_model(59)
+    opt = make_opt(model, stash="projected", update_proj_gap=2)
+    train(model, opt, task_batches(2, seed=60))
+    mid = next(w for w in opt.subspaces if w.name == "mid.weight")
+    before = {s: b.clone() for s, b in mid.bases.items()}
+    losses = task_losses(model, task_batches(1, seed=61)[0])
+    losses["b"] = losses["b"] + float("inf") * model.mid.weight.sum()
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        opt.backward(losses)
+        opt.step()
+    assert all(torch.equal(before[s], mid.bases[s]) for s in before)
+    assert mid.step == 2 and "mid.weight" in opt.last_skipped
+
+
+def test_clip_grad_norm_in_projected_mode():
+    """Exact for one task; for two, the cross terms are taken in the shared subspace (an estimate)."""
+    for tasks in (["a"], ["a", "b"]):
+        norms = []
+        for stash in ("full", "projected"):
+            model = make_model(62)
+            opt = make_opt(model, stash=stash, tasks=tasks, rank=6, task_rank=3 if len(tasks) > 1 else 0)
+            batches = task_batches(2, seed=63)
+            train(model, opt, [{t: b[t] for t in tasks} for b in batches[:1]])
+            opt.backward({t: l for t, l in task_losses(model, batches[1]).items() if t in tasks})
+            norms.append(float(opt.clip_grad_norm_(1e-3)))
+            if stash == "projected":
+                assert opt.shared_grad_norm() == pytest.approx(1e-3, rel=1e-3)  # clipped in place
+        if len(tasks) == 1:
+            assert norms[1] == pytest.approx(norms[0], rel=1e-5)
+        else:
+            assert norms[1] == pytest.approx(norms[0], rel=0.25)
+
+
+def test_staggered_schedule_spreads_refreshes_over_the_gap():
+    model = make_model(64)
+    opt = make_opt(model, refresh_schedule="staggered", update_proj_gap=6, stash="projected")
+    train(model, opt, task_batches(1, seed=65))
+    assert [w.next_refresh for w in opt.subspaces] == [2, 4, 6]
+    refreshed_at = {w.name: [] for w in opt.subspaces}
+    for i, batch in enumerate(task_batches(12, seed=66), start=1):
+        opt.backward(task_losses(model, batch))
+        for w in opt.subspaces:
+            if id(w.param) in opt._task_grads.refreshed:
+                refreshed_at[w.name].append(i)
+        opt.step()
+        opt.zero_grad()
+    assert list(refreshed_at.values()) == [[2, 8], [4, 10], [6, 12]]
+
+
+class TiedLM(nn.Module):
+    def __init__(self, vocab=50, dim=16):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.proj = nn.Linear(dim, dim)
+        self.head = nn.Linear(dim, vocab, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, ids):
+        return self.head(torch.tanh(self.proj(self.embed(ids))))
+
+
+def test_target_embeddings_projects_the_tied_embedding():
+    torch.manual_seed(67)
+    model = TiedLM()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = gems.GemsOptimizer(torch.optim.AdamW(model.parameters(), lr=3e-2), model=model, tasks=["a", "b"],
+                                 rank=4, task_rank=2, update_proj_gap=10, target_embeddings=True, stash="projected")
+    names = [w.name for w in opt.subspaces]
+    assert names == ["proj.weight", "embed.weight"]
+    gen = torch.Generator().manual_seed(68)
+    ids = {t: torch.randint(0, 50, (8, 6), generator=gen) for t in ("a", "b")}
+
+    def losses():
+        return {t: nn.functional.cross_entropy(model(x[:, :-1]).reshape(-1, 50), x[:, 1:].reshape(-1))
+                for t, x in ids.items()}
+
+    first = {t: float(v.detach()) for t, v in losses().items()}
+    for _ in range(15):
+        opt.backward(losses())
+        opt.step()
+        opt.zero_grad()
+    last = {t: float(v.detach()) for t, v in losses().items()}
+    assert all(last[t] < first[t] for t in ids)
+    emb = opt.subspaces[1]
+    assert all(tuple(opt.state[c]["exp_avg"].shape) == emb.coord_shape(s) for s, c in emb.coords.items())
+    assert model.embed.weight is model.head.weight
+
+
+def test_new_options_are_validated_and_saved():
+    model = make_model(69)
+    with pytest.raises(ValueError, match="stash"):
+        make_opt(model, stash="lazy")
+    with pytest.raises(ValueError, match="refresh_schedule"):
+        make_opt(model, refresh_schedule="random")
+    with pytest.raises(ValueError, match="needs model"):
+        gems.GemsOptimizer(torch.optim.AdamW(model.parameters()), target_embeddings=True)
+    opt = make_opt(model, stash="projected", refresh_schedule="staggered")
+    cfg = opt.state_dict()["config"]
+    assert cfg["stash"] == "projected" and cfg["refresh_schedule"] == "staggered"
+
+
+def test_projected_resume_is_bit_exact():
+    batches = task_batches(9, seed=71)
+    model = make_model(70)
+    opt = make_opt(model, stash="projected", refresh_schedule="staggered", update_proj_gap=3)
+    train(model, opt, batches[:4])
+    saved_model, saved_opt = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+    train(model, opt, batches[4:])
+    model2 = make_model(0)
+    model2.load_state_dict(saved_model)
+    opt2 = make_opt(model2, stash="projected", refresh_schedule="staggered", update_proj_gap=3)
+    opt2.load_state_dict(saved_opt)
+    train(model2, opt2, batches[4:])
+    for p, q in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(p, q)

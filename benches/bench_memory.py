@@ -14,6 +14,9 @@ Methods (same model, same batch; the baselines train on the mixed batch, GEMS on
 - ``lora``:   peft LoRA r=``--lora-rank``, alpha 2r, all linear layers, torch AdamW on the adapters.
 - ``gems``:   gems.GemsOptimizer over torch AdamW, tasks search/rec, rank ``--rank`` shared / ``--task-rank``
   per task, ``refresh="subspace_iter"``, ``opt.backward({task: loss})`` (one autograd pass per task).
+- ``gems-lowmem``: the same with ``stash="projected"`` (each task gradient projected as autograd produces
+  it), ``refresh_schedule="staggered"`` (after the first bases, about one weight refreshes per step) and
+  ``target_embeddings=True`` (the tied embedding / LM head gets subspaces too instead of full AdamW).
 
 What is measured, per method in a fresh subprocess (so no method inherits another's allocator state):
 
@@ -53,7 +56,7 @@ import gems  # noqa: E402
 from gems.targets import select_linear_modules  # noqa: E402
 
 TASKS = ("search", "rec")
-ALL_METHODS = ("adamw", "galore", "apollo", "lora", "gems")
+ALL_METHODS = ("adamw", "galore", "apollo", "lora", "gems", "gems-lowmem")
 MIB = 1 / 2**20
 LR = 1e-5  # small: the benches step the real model and only time/measure it
 
@@ -148,8 +151,7 @@ class Runner:
         """Gradient bytes alive when the optimizer step starts (GEMS: its per-task stash plus any .grad)."""
         total = sum(p.grad.numel() * p.grad.element_size() for p in self.model.parameters() if p.grad is not None)
         if self.multitask:
-            stash = self.opt._task_grads.grads  # read-only peek at GEMS' per-task gradient stash
-            total += sum(g.numel() * g.element_size() for per in stash.values() for g in per.values())
+            total += self.opt._task_grads.held_bytes()  # GEMS' per-task stash (full gradients or coordinates)
         return total
 
 
@@ -205,16 +207,20 @@ def build(method: str, model: nn.Module, *, rank: int, task_rank: int, lora_rank
         return Runner(method, model, opt, settings=f"peft LoRA r={lora_rank} alpha={2 * lora_rank} all-linear + AdamW",
                       targeted={id(p) for p in params})
     if method.startswith("gems"):
-        refresh = method.split("-", 1)[1] if "-" in method else "subspace_iter"
+        variant = method.split("-", 1)[1] if "-" in method else ""
+        lowmem = variant == "lowmem"
+        refresh = variant if variant and not lowmem else "subspace_iter"
+        extra = dict(stash="projected", refresh_schedule="staggered", target_embeddings=True) if lowmem else {}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # rank clamping on tiny models
             opt = gems.GemsOptimizer(torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=wd), model=model,
                                      tasks=list(TASKS), rank=rank, task_rank=task_rank, update_proj_gap=gap,
-                                     refresh=refresh, backend="auto" if device != "cpu" else "torch")
+                                     refresh=refresh, backend="auto" if device != "cpu" else "torch", **extra)
         coords = {id(c) for w in opt.subspaces for c in w.coords.values()}
         return Runner(method, model, opt, multitask=True, targeted=coords | targeted,
                       settings=f"GemsOptimizer(AdamW) tasks {'/'.join(TASKS)}, rank {rank} / task {task_rank}, "
-                               f"gap {gap}, refresh={refresh}, backend={opt.backend}")
+                               f"gap {gap}, refresh={refresh}, backend={opt.backend}"
+                               + "".join(f", {k}={v}" for k, v in extra.items()))
     raise ValueError(f"unknown method {method!r}")
 
 
@@ -430,21 +436,29 @@ def main(argv=None) -> list[dict[str, Any]]:
         "`targeted` = the part for the Linear weights GaLore/APOLLO/GEMS project (LoRA: its adapters), `other` = "
         "embedding (tied LM head) and norms, trained with full AdamW by every method but LoRA; `bases` = GEMS' "
         "fp32 bases; `extra_params` = LoRA adapter weights; `grads_held` = gradient bytes alive when the "
-        "optimizer step starts (GEMS: its per-task stash, one full gradient per task); `peak_step` = peak "
+        "optimizer step starts (GEMS: its per-task stash, one full gradient per task; `gems-lowmem`: coordinates "
+        "only); `peak_step` = peak "
         + ("RSS (VmHWM, reset before each step) minus RSS after loading model and batch, max over steps"
            if args.device == "cpu" else "torch.cuda.max_memory_allocated minus allocated bytes before the optimizer")
         + "; `peaks_per_step` lists each step (step 1 allocates the state and computes the first bases)."]
-    if "gems" in by and "adamw" in by:
-        g, a = by["gems"], by["adamw"]
-        notes.append(f"Target 1, GEMS optimizer state ≤ 30% of AdamW's at rank {args.rank} / task {args.task_rank}: "
-                     f"whole model {g['state'] / a['state']:.1%}, targeted Linear weights only "
-                     f"{g['state_targeted'] / a['state_targeted']:.1%}.")
-    if "gems" in by and "galore" in by:
-        g, l = by["gems"], by["galore"]
-        notes.append(f"Target 2, GEMS peak step memory below galore-torch's at equal shared rank: GEMS "
-                     f"{g['peak_step'] * MIB:.0f} MiB vs GaLore {l['peak_step'] * MIB:.0f} MiB "
-                     f"({g['peak_step'] / l['peak_step']:.2f}×); GEMS holds {g['grads_held'] * MIB:.0f} MiB of "
-                     f"gradients at its step (per-task stash) vs GaLore's {l['grads_held'] * MIB:.0f} MiB of .grad.")
+    for name in ("gems", "gems-lowmem"):
+        g = by.get(name)
+        if g is None:
+            continue
+        if "adamw" in by:
+            a = by["adamw"]
+            notes.append(f"Target 1 (`{name}`), GEMS optimizer state ≤ 30% of AdamW's at rank {args.rank} / task "
+                         f"{args.task_rank}: whole model {g['state'] / a['state']:.1%}"
+                         + (f", targeted Linear weights only {g['state_targeted'] / a['state_targeted']:.1%}."
+                            if name == "gems" else " (the embedding has subspaces too)."))
+        if "galore" in by:
+            l = by["galore"]
+            notes.append(f"Target 2 (`{name}`), GEMS peak step memory below galore-torch's at equal shared rank: GEMS "
+                         f"{g['peak_step'] * MIB:.0f} MiB vs GaLore {l['peak_step'] * MIB:.0f} MiB "
+                         f"({g['peak_step'] / l['peak_step']:.2f}×; per step {' / '.join(f'{p * MIB:.0f}' for p in g['peaks'])}"
+                         f" vs {' / '.join(f'{p * MIB:.0f}' for p in l['peaks'])} MiB); GEMS holds "
+                         f"{g['grads_held'] * MIB:.0f} MiB of gradients at its step vs GaLore's "
+                         f"{l['grads_held'] * MIB:.0f} MiB of .grad.")
     if skipped:
         notes.append("Skipped: " + "; ".join(skipped) + ".")
     if args.threads:

@@ -66,7 +66,7 @@ def collate(rows):
 
 
 def make_trainer(tmp_path, *, steps=12, bs=8, ga=1, seed=0, save_steps=None, max_grad_norm=0.0,
-                 log_diagnostics=False, model=None, logging_steps=4):
+                 log_diagnostics=False, model=None, logging_steps=4, gems_kwargs=None):
     args = TrainingArguments(
         output_dir=str(tmp_path), max_steps=steps, per_device_train_batch_size=bs, gradient_accumulation_steps=ga,
         learning_rate=3e-3, weight_decay=0.01, lr_scheduler_type="cosine", warmup_steps=2, optim="adamw_torch",
@@ -77,7 +77,7 @@ def make_trainer(tmp_path, *, steps=12, bs=8, ga=1, seed=0, save_steps=None, max
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return GemsTrainer(model=model or tiny_model(seed), args=args, train_dataset=TinyTasks(), data_collator=collate,
-                           tasks=TASKS, gems_kwargs=dict(rank=4, task_rank=2, update_proj_gap=5),
+                           tasks=TASKS, gems_kwargs=dict(rank=4, task_rank=2, update_proj_gap=5, **(gems_kwargs or {})),
                            log_diagnostics=log_diagnostics)
 
 
@@ -139,6 +139,24 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path):
     l1 = [h["loss"] for h in t1.state.log_history if "loss" in h]
     l2 = [h["loss"] for h in t2.state.log_history if "loss" in h]
     assert l1 == pytest.approx(l2, rel=1e-4)
+
+
+def test_projected_stash_under_the_trainer(tmp_path):
+    """stash="projected" gives the default's weights with one micro-batch per step (no clipping: the projected
+    stash estimates the clip norm), and trains with GA 2 and clipping."""
+    runs = {}
+    for name, ga, kw in (("full", 1, {}), ("projected", 1, {"stash": "projected"}),
+                         ("projected_ga", 2, {"stash": "projected", "refresh_schedule": "staggered"})):
+        t = make_trainer(tmp_path / name, steps=6, bs=8 // ga, ga=ga, max_grad_norm=1.0 if ga > 1 else 0.0,
+                         gems_kwargs=kw)
+        before = mean_loss(t.model, TinyTasks())
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            t.train()
+        runs[name] = (weights(t.model), before, mean_loss(t.model, TinyTasks()))
+    for k, v in runs["full"][0].items():
+        torch.testing.assert_close(runs["projected"][0][k], v, rtol=1e-3, atol=1e-5, msg=k)
+    assert runs["projected_ga"][2] < runs["projected_ga"][1] - 0.1
 
 
 def test_diagnostics_logging(tmp_path):

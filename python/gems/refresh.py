@@ -7,14 +7,20 @@ Engines (``method``):
 
 - ``"svd"``: exact, ``torch.linalg.svd(full_matrices=False)`` as GaLore calls it (bit-identical bases).
 - ``"subspace_iter"``: block subspace (power) iteration on A·Aᵀ, where A is the matrix (``side="left"``)
-  or its transpose (``side="right"``). It starts from ``previous`` (the basis being replaced) when that is
-  given and shape-compatible, topped up with seeded Gaussian columns to ``rank + oversample``; otherwise
-  from seeded Gaussian columns. Each iteration is two GEMMs and a QR, Y ← A·(Aᵀ·qr(Y)); by default it
-  stops once the captured energy stops growing (2–4 iterations). The last block Y = Q·R is turned into
-  ordered approximate singular vectors Q·U_R through the SVD of the small k×k factor R (a Rayleigh–Ritz-
-  type extraction that needs no further pass over A).
-- ``"randomized"``: Halko–Martinsson–Tropp randomized range finder, Y = A·Ω with Gaussian Ω, then
-  ``iters`` power iterations and the same extraction. Never warm-started.
+  or its transpose (``side="right"``). The start block is a sketch A·Ω of width ``rank + oversample``
+  with a signed-hashing Ω (one ±1 per row: one pass over A, no GEMM; see :func:`_sketch`); ``previous``
+  (the basis being replaced), when given and shape-compatible, is used as a prior: the sketch's component
+  inside span(previous) is amplified by WARM_START_WEIGHT. Each iteration is two GEMMs and a QR,
+  Y ← A·(Aᵀ·qr(Y)); by default one iteration, and a second one when the spectrum is flat (see
+  SUBSPACE_FLAT_RATIO). The last block Y = Q·R is turned into ordered approximate singular vectors Q·U_R
+  through the SVD of the small k×k factor R (no further pass over A). ``iters=0``: Rayleigh–Ritz on the
+  start block (one GEMM).
+- ``"randomized"``: the same range finder, never warm-started, with a fixed number of power iterations
+  (RANDOMIZED_POWER_ITERS): Y = (A·Aᵀ)^q·A·Ω and the same extraction.
+
+Speed (AMD EPYC, one thread, fp32, benches/results/refresh_cpu.md): at 576×1536 rank 128 one call is
+two GEMMs (≈ 3.3 ms each) plus ≈ 6 ms of QR/SVD/sketch, ≈ 13 ms against ≈ 135 ms for torch.linalg.svd
+(≈ 10×); 2048×2048 rank 128: ≈ 30–40×.
 
 All engines compute in fp32 (fp64 if given fp64) whatever the input dtype and return fp32 orthonormal
 columns. Zero and rank-deficient matrices still get a full orthonormal basis: Householder QR returns
@@ -41,23 +47,32 @@ REFRESH_METHODS = ("svd", "subspace_iter", "randomized")
 # matrices with a decaying spectrum (576×1536, 2048×2048), ranks 64–512.
 #
 # Oversampling: extra columns carried through the iteration and dropped at the final extraction. A relative
-# oversample (rank/4, at least 8) helps more per flop than extra iterations on real gradients, whose
-# spectra are flat near rank r: at two iterations p = r/4 captured ≥ 99.5% of the exact top-r energy on
-# every real gradient, p = 8 ≥ 99.3% (and 98.4% vs 98.7% on a flat synthetic spectrum) for ~10% less time.
+# oversample (rank/4, at least 8) is the cheapest quality knob after the power iterations themselves.
+# Measured at 576×1536 rank 128 with one power iteration (sketch start): width 136 / 144 / 160 / 192 gave
+# 0.9926 / 0.9937 / 0.9961 / 0.9980 of the exact top-r energy on the worst real gradient (L15.down_proj),
+# 0.9979 / 0.9985 / 0.9992 / 0.9996 on the worst 576×576 one, and 0.970 / 0.974 / 0.978 / 0.985 on the
+# flat synthetic spectrum (alpha 0.5); each GEMM grows with the width (≈ 2.7 ms at 136, 3.3 ms at 160).
 SUBSPACE_OVERSAMPLE_FRACTION = 0.25
 SUBSPACE_MIN_OVERSAMPLE = 8
-# Iterations of Y ← A·(Aᵀ·qr(Y)), adaptive by default: stop once the energy ‖AᵀQ‖² captured by the block
-# grew by less than SUBSPACE_TOL (relative) in the last iteration; at most SUBSPACE_MAX_ITERS, at least 2.
-# Measured (576×1536 and 576×576 real gradients, ranks 64–256; synthetic power-law spectra): tol 3e-2
-# stops after 3 iterations (6 GEMMs) on every real gradient, cold or warm (the previous batch's basis is
-# not close enough to save one), keeps ≥ 99.7% of the exact top-r energy everywhere (worst: flat
-# synthetic spectrum, cold start) and lets a close warm start stop after 2; tol 1e-2 costs a fourth
-# iteration on some real gradients for +0.1%. Fixed iters=2 gives ≥ 99.5% on the real gradients but
-# 98.7% on the flat synthetic spectrum; iters=1 only 97–99%.
-SUBSPACE_TOL = 3e-2
-SUBSPACE_MAX_ITERS = 4
-# Randomized range finder: power iterations after Y = A·Ω (3 GEMMs for q = 1). q = 1 reaches ≥ 99% of the
-# exact energy on the real gradients but ~98% on a flat synthetic spectrum; q = 2 costs two more GEMMs.
+# Iterations, adaptive by default: one power iteration (2 GEMMs) on the sketch start, Y = A·Aᵀ·A·Ω, then
+# a second one only when the spectrum looks flat: (s_k/s_r)^(1/3) > SUBSPACE_FLAT_RATIO, with s the
+# singular values of Y (≈ σ³) at the rank-th and the last (k-th) column. Measured after one iteration:
+# real gradients (576×1536 and 576×576, rank 128) 0.53–0.75 with ≥ 99.6% of the exact energy; synthetic
+# alpha 1.0: 0.75 (99.98%); alpha 0.7: 0.82 (99.6%); alpha 0.5: 0.87 (97.8% → 99.4% with the second
+# iteration); rank 64 L15.down_proj: 0.80 (98.8% → 99.7%). One iteration more costs ≈ 2 GEMMs + QR + SVD.
+# A Gaussian start instead of the sketch gave the same energy to 1e-3 for one more GEMM; a Rayleigh–Ritz
+# step (one more GEMM) +0.0004; CholeskyQR / eigh of Gram matrices were not faster than Householder QR
+# and svd of R at these sizes (k ≈ 136–160: QR ≈ 1.1 ms, eigh ≈ 0.7–1.4 ms, svd ≈ 1.5–2 ms).
+SUBSPACE_FLAT_RATIO = 0.78
+SUBSPACE_MAX_ITERS = 2
+# Warm start: the sketch's component inside span(previous) is multiplied by 1 + WARM_START_WEIGHT. Putting
+# previous columns in the block instead of sketch columns cost energy on the real gradients (the previous
+# batch's basis is a weaker start than the σ-weighted sketch: L15.down_proj 0.990 vs 0.996); weight 4
+# keeps them ≥ 99.5% and lifts the flat synthetic case (0.9942 → 0.9985 at 2 iterations), weight 1 was
+# too weak for a nearly converged previous basis (tests/test_refresh.py).
+WARM_START_WEIGHT = 4.0
+# Randomized range finder: power iterations after the sketch Y = A·Ω (2 GEMMs for q = 1). q = 1 reaches
+# ≥ 99.6% of the exact energy on the real gradients but ~98% on a flat synthetic spectrum.
 RANDOMIZED_OVERSAMPLE_FRACTION = 0.25
 RANDOMIZED_MIN_OVERSAMPLE = 8
 RANDOMIZED_POWER_ITERS = 1
@@ -141,30 +156,25 @@ def _complete(basis: Tensor, rank: int, generator: torch.Generator) -> Tensor:
     return torch.cat([basis, q], dim=-1)
 
 
-def _start(
-    previous: Sequence[Tensor | None],
-    dim: int,
-    width: int,
-    generator: torch.Generator,
-    device: torch.device,
-    dtype: torch.dtype,
-    scale: float = 1.0,
-) -> Tensor:
-    """b×dim×width starting block: the usable previous basis columns, topped up with Gaussian columns
-    (multiplied by ``scale``)."""
-    blocks = []
-    for prev in previous:
-        use = 0
-        if prev is not None and prev.dim() == 2 and prev.shape[0] == dim and prev.shape[1] > 0:
-            use = min(prev.shape[1], width)
-            prev = prev[:, :use].to(device=device, dtype=dtype)
-            if not bool(torch.isfinite(prev).all()):
-                use = 0
-        parts = [prev] if use else []
-        if width - use:
-            parts.append(_randn(dim, width - use, generator, device, dtype) * scale)
-        blocks.append(torch.cat(parts, dim=1) if len(parts) > 1 else parts[0])
-    return torch.stack(blocks)
+def _sketch(a: Tensor, width: int, generator: torch.Generator) -> Tensor:
+    """b×m×width sketch A·Ω with a signed-hashing test matrix Ω (n×width, one ±1 per row).
+
+    Column j of A is added to (or subtracted from) one sketch column, picked by a seeded random permutation:
+    one pass over A and no GEMM (a Gaussian Ω costs as much as a power-iteration half-step). The
+    permutation spreads the n columns evenly over 2·width signed buckets, so every sketch column gets at
+    least one column of A (width ≤ n) and the sketch has full rank whenever A has."""
+    b, m, n = a.shape
+    rows = a.stride(-1) == 1  # A row-major: add along dim 1; a transposed view (side="right"): along dim 0 of Aᵀ
+    buckets = a.new_zeros((b, m, 2 * width) if rows else (b, 2 * width, m))
+    for i in range(b):
+        perm = torch.randperm(n, generator=generator, device=generator.device).to(a.device)
+        if rows:
+            buckets[i].index_add_(1, perm % (2 * width), a[i])
+        else:
+            buckets[i].index_add_(0, perm % (2 * width), a[i].transpose(0, 1))
+    if rows:
+        return buckets[..., :width] - buckets[..., width:]
+    return (buckets[:, :width] - buckets[:, width:]).transpose(-2, -1)
 
 
 def _iterative(
@@ -178,8 +188,10 @@ def _iterative(
     matmul_dtype: torch.dtype | None,
 ) -> Tensor:
     """Top-``rank`` left singular vectors of each matrix of the b×m×n stack ``a`` (rank ≤ min(m, n))."""
-    _, m, n = a.shape
+    b, m, n = a.shape
     width = min(rank + _oversample(rank, method, oversample), min(m, n))
+    if iters is not None and iters < 0:
+        raise ValueError(f"iters must be >= 0, got {iters}")
     inv = _inverse_scales(a).to(a.dtype).view(-1, 1, 1)
     low = a if matmul_dtype in (None, a.dtype) else a.to(matmul_dtype)
     low_t = low.transpose(-2, -1)
@@ -187,36 +199,54 @@ def _iterative(
     def mm(x: Tensor, y: Tensor) -> Tensor:  # product in the matmul dtype (fp32 accumulation), result in a.dtype
         return torch.matmul(x, y.to(low.dtype)).to(a.dtype)
 
-    if iters is not None and iters < 0:
-        raise ValueError(f"iters must be >= 0, got {iters}")
-    if method == "randomized":
-        # Y = A·Ω: the range finder's first half-step (Gaussian columns scaled to unit expected norm)
-        y = mm(low, _start([None] * a.shape[0], n, width, generator, a.device, a.dtype) * n ** -0.5)
-        steps, adaptive, orthonormal = (RANDOMIZED_POWER_ITERS if iters is None else iters), False, True
-    else:
-        # start block as Y: previous columns (orthonormal) + Gaussian columns scaled to unit expected norm;
-        # the first product does not need it orthonormalised, only the span matters
-        y = _start(previous, m, width, generator, a.device, a.dtype, scale=m ** -0.5)
+    # Start block: the sketch A·Ω (one pass over A; see _sketch); huge entries are scaled first so that the
+    # signed sums cannot overflow. subspace_iter puts the usable columns of ``previous`` in front of it.
+    y = _sketch(a * inv if bool((inv < 1e-20).any()) else a, width, generator)
+    if method == "subspace_iter":
+        blocks = []
+        for j, prev in enumerate(previous):
+            use = 0
+            if prev is not None and prev.dim() == 2 and prev.shape[0] == m and prev.shape[1] > 0:
+                use = min(prev.shape[1], width)
+                prev = prev[:, :use].to(device=a.device, dtype=a.dtype)
+                if not bool(torch.isfinite(prev).all()):
+                    use = 0
+            if use:
+                # the sketch with its component inside span(previous) amplified: a prior, not a replacement
+                sk = y[j]
+                blocks.append(sk + WARM_START_WEIGHT * (prev @ (prev.transpose(0, 1) @ sk)))
+            else:
+                blocks.append(y[j])
+        y = torch.stack(blocks)
         adaptive = iters is None
-        # the adaptive rule compares energies of orthonormal blocks, so it orthonormalises the start too
-        steps, orthonormal = (SUBSPACE_MAX_ITERS if adaptive else iters), adaptive
-    energy = None
-    for _ in range(steps):
-        q = torch.linalg.qr(y).Q if orthonormal else y
+        steps = SUBSPACE_MAX_ITERS if adaptive else iters
+    else:
+        adaptive, steps = False, (RANDOMIZED_POWER_ITERS if iters is None else iters)
+    q = torch.linalg.qr(y).Q
+    if steps == 0:
+        # No power iteration: Rayleigh–Ritz on the start block (one GEMM), the best rank-r basis inside it.
+        z = mm(low_t, q) * inv
+        return q @ torch.linalg.svd(z.transpose(-2, -1), full_matrices=False).U[..., :rank]
+    done = 0
+    while True:
         z = mm(low_t, q) * inv
         y = mm(low, z)
-        if adaptive and orthonormal:  # stop once the captured energy ‖AᵀQ‖² stops growing
-            new_energy = z.square().sum(dim=(-2, -1))
-            if energy is not None and not bool(((new_energy - energy) > SUBSPACE_TOL * new_energy).any()):
-                break
-            energy = new_energy
-        orthonormal = True
-    # Finish without another pass over A: Y = Q·R, and the left singular vectors of Y are Q·U_R with
-    # U_R from the SVD of the small k×k factor R. They are ordered approximate singular vectors of A
-    # (Y = (A·Aᵀ)^t·Q₀ weighs each direction by σ² once more than a Rayleigh–Ritz step on span(Q) would,
-    # at the cost of one GEMM less; measured: same captured energy to 1e-3 at equal GEMM count).
-    q, r = torch.linalg.qr(y)
-    u = torch.linalg.svd(r).U
+        done += 1
+        # Y = Q·R; the left singular vectors of Y are Q·U_R with U_R from the SVD of the small k×k factor R:
+        # ordered approximate singular vectors of A without another pass over A (Y weighs each direction
+        # by σ² once more than a Rayleigh–Ritz step on span(Q) would, for one GEMM less).
+        q, r = torch.linalg.qr(y)
+        u, s, _ = torch.linalg.svd(r)
+        if done >= steps:
+            break
+        if not adaptive:
+            continue
+        # Adaptive: the singular values of Y ≈ σ^(2·done+1) tell how flat the spectrum is between the
+        # rank-th and the last column of the block; a flat one (ratio above SUBSPACE_FLAT_RATIO per power
+        # of σ) converges slowly and gets another iteration.
+        ratio = (s[..., width - 1] / s[..., rank - 1].clamp_min(torch.finfo(a.dtype).tiny)) ** (1.0 / (2 * done + 1))
+        if width == rank or not bool((ratio > SUBSPACE_FLAT_RATIO).any()):
+            break
     return q @ u[..., :rank]
 
 
@@ -306,7 +336,7 @@ def compute_basis(
     shape does not fit and by the other engines. ``generator`` seeds any randomness (a fixed-seed local
     generator when ``None``; the global random stream is never used). ``oversample`` and ``iters``
     override the engine's defaults (``iters`` is the number of power iterations; ``None`` lets
-    ``"subspace_iter"`` stop once the captured energy grows by less than ``SUBSPACE_TOL``).
+    ``"subspace_iter"`` run one, or two on a flat spectrum, see ``SUBSPACE_FLAT_RATIO``).
     ``matmul_dtype=torch.bfloat16`` runs the iterative engines' GEMMs on bf16 operands with fp32
     accumulation (default ``ITER_MATMUL_DTYPE``: the working dtype).
 

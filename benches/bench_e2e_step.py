@@ -8,8 +8,10 @@
 Methods and batches are those of bench_memory.py (2 tasks × ``--batch`` sequences × ``--seq`` tokens; the
 baselines step on the mixed-batch loss, GEMS on the two task losses through ``opt.backward``, i.e. one
 backward pass per task): ``adamw``, ``galore`` (galore-torch, SVD refresh), ``apollo`` (apollo-torch,
-random-projection refresh), ``lora`` (peft), ``gems`` (refresh="subspace_iter") and ``gems-svd``
-(refresh="svd"); ``--methods`` picks a subset.
+random-projection refresh), ``lora`` (peft), ``gems`` (refresh="subspace_iter"), ``gems-svd``
+(refresh="svd") and ``gems-lowmem`` (``stash="projected"``, ``target_embeddings=True``; timed with the aligned
+refresh schedule so that its refresh steps can be told apart — staggering spreads the same work over the
+gap); ``--methods`` picks a subset.
 
 Every method has its own copy of the model. The steps are interleaved: round k runs step k of every method
 (in an order rotated each round), so slow phases of a shared machine hit all methods alike. Each step is
@@ -43,7 +45,7 @@ from _common import RESULTS_DIR, print_table, synchronize, write_csv, write_mark
 from bench_memory import (TASKS, add_common_args, build, load_model, make_batches, preimport,  # noqa: E402
                           run_plan)
 
-ALL_METHODS = ("adamw", "galore", "apollo", "lora", "gems", "gems-svd")
+ALL_METHODS = ("adamw", "galore", "apollo", "lora", "gems", "gems-svd", "gems-lowmem")
 PROJECTING = ("galore", "apollo", "gems")
 # Why the committed CPU run uses one thread (measured on the shared 2-core machine, load average 6-8):
 THREADS_NOTE = ("With 2 threads on this shared 2-core machine (load average 6-8 from other jobs), LAPACK's SVD of "
@@ -77,9 +79,10 @@ def summarize(method: str, samples: list[dict[str, float]], measure_gap: int, ga
     refresh = [s for k, s in timed if is_refresh(k)]
     row: dict[str, Any] = {"method": method, "n_normal": len(normal), "n_refresh": len(refresh)}
     for suffix in ("", "_cpu"):
-        fb = statistics.median(s["fb" + suffix] for _, s in timed) * 1e3
+        fb = statistics.median(s["fb" + suffix] for s in normal) * 1e3
         opt = statistics.median(s["opt" + suffix] for s in normal) * 1e3
-        ref = (statistics.median(s["opt" + suffix] for s in refresh) * 1e3 - opt) if refresh else 0.0
+        # extra time of a whole refresh step (gems-lowmem refreshes inside backward, the others in step)
+        ref = (statistics.median(s["fb" + suffix] + s["opt" + suffix] for s in refresh) * 1e3 - fb - opt) if refresh else 0.0
         total = fb + opt + ref / gap
         row.update({f"fwd_bwd_ms{suffix}": fb, f"opt_step_ms{suffix}": opt, f"refresh_ms{suffix}": ref,
                     f"total_ms{suffix}": total, f"overhead_share{suffix}": (opt + ref / gap) / total})
@@ -129,6 +132,9 @@ def main(argv=None) -> list[dict[str, Any]]:
         model = base if i == len(methods) - 1 else copy.deepcopy(base)
         runners.append(build(m, model, rank=args.rank, task_rank=args.task_rank, lora_rank=args.lora_rank,
                              gap=args.measure_gap, device=args.device))
+        if m == "gems-lowmem":
+            runners[-1].opt.refresh_schedule = "aligned"
+            runners[-1].settings = runners[-1].settings.replace("staggered", "aligned (timing)")
     del base
     samples: dict[str, list[dict[str, float]]] = {m: [] for m in methods}
     t_start = time.perf_counter()
@@ -149,13 +155,14 @@ def main(argv=None) -> list[dict[str, Any]]:
 
     by = {r["method"]: r for r in rows}
     notes = ["Columns (ms, medians): `fwd_bwd` = forward + backward(s) (GEMS: one autograd pass per task over a "
-             "shared forward), `opt_step` = optimizer step + zero_grad on a normal step, `refresh` = extra optimizer "
-             "time of a refresh step (median refresh-step time − `opt_step`), `total` = fwd_bwd + opt_step + "
+             "forward per task; `gems-lowmem` also projects each gradient there), `opt_step` = optimizer step + "
+             "zero_grad, both medians over normal steps, `refresh` = extra time of a refresh step (median "
+             "refresh-step fwd_bwd + opt_step − theirs on normal steps), `total` = fwd_bwd + opt_step + "
              f"refresh/{args.gap}, `overhead_share` = (opt_step + refresh/{args.gap}) / total; `_cpu` columns are "
              "the same from process CPU time (all threads), less sensitive to other jobs on the machine. "
              f"Wall-clock medians of {args.steps - 1} interleaved steps per method; the machine was shared with "
              "other agents while this ran, so single numbers are noisy: compare ratios within the table."]
-    for g in ("gems", "gems-svd"):
+    for g in ("gems", "gems-svd", "gems-lowmem"):
         if g in by:
             r = by[g]
             notes.append(f"Target, `{g}` amortised optimizer overhead ≤ 25% of the full step at gap {args.gap} on "

@@ -214,3 +214,30 @@ def test_projected_resume_is_bit_exact():
     train(model2, opt2, batches[4:])
     for p, q in zip(model.parameters(), model2.parameters()):
         assert torch.equal(p, q)
+
+
+def test_retain_flags_keep_a_graph_only_while_a_later_task_needs_it():
+    from gems.tasks import retain_flags
+
+    model = make_model(72)
+    batch = task_batches(1, seed=73)[0]
+    separate = task_losses(model, batch)  # one forward per task
+    assert retain_flags([separate["a"], separate["b"]], False) == [False, False]
+    assert retain_flags([separate["a"], separate["b"]], True) == [True, True]
+    x = torch.cat([batch["a"][0], batch["b"][0]])
+    out = model(x)
+    shared = [nn.functional.mse_loss(out[:16], batch["a"][1]), nn.functional.mse_loss(out[16:], batch["b"][1])]
+    assert retain_flags(shared, False) == [True, False]
+
+
+@pytest.mark.parametrize("stash", ["full", "projected"])
+def test_losses_cut_from_one_shared_forward_still_work(stash):
+    model = make_model(74)
+    opt = make_opt(model, stash=stash)
+    for batch in task_batches(3, seed=75):
+        out = model(torch.cat([batch["a"][0], batch["b"][0]]))
+        opt.backward({"a": nn.functional.mse_loss(out[:16], batch["a"][1]),
+                      "b": nn.functional.mse_loss(out[16:], batch["b"][1])})
+        opt.step()
+        opt.zero_grad()
+    assert all(w.step == 3 for w in opt.subspaces)

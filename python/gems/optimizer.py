@@ -17,7 +17,7 @@ from gems.dispatch import backend_module, resolve_backend
 from gems.refresh import REFRESH_METHODS
 from gems.subspaces import SHARED, WeightSubspaces, clamp_report
 from gems.targets import TargetSpec, select_linear_modules, unwrap
-from gems.tasks import TaskGradients, compute_gates, validate_gating, validate_tasks
+from gems.tasks import TaskGradients, compute_gates, retain_flags, validate_gating, validate_tasks
 
 FORMAT_VERSION = 1
 TASK_BASES = ("residual", "independent")
@@ -268,16 +268,16 @@ class GemsOptimizer(torch.optim.Optimizer):
         gradient is Σ_t (N_t / N)·G_t, the gradient a mixed batch would give. Omitted: equal weights."""
         counts = self._task_grads.check_inputs(losses, num_samples)
         params = [p for p in self._all_params if p.requires_grad]
+        keep = retain_flags([losses[t] for t in self.tasks], retain_graph)  # shared forward graph?
         if self.stash == "projected":
-            self._backward_projected(losses, counts, params, retain_graph)
+            self._backward_projected(losses, counts, params, keep)
         else:
             for i, t in enumerate(self.tasks):
-                keep = retain_graph or i < len(self.tasks) - 1  # the task losses may share one forward graph
-                grads = torch.autograd.grad(losses[t], params, retain_graph=keep, allow_unused=True)
+                grads = torch.autograd.grad(losses[t], params, retain_graph=keep[i], allow_unused=True)
                 self._task_grads.add(t, params, grads, float(losses[t].detach()), counts[t])
         self._task_grads.calls += 1
 
-    def _backward_projected(self, losses, counts: dict[str, float], params: list[Tensor], retain_graph: bool) -> None:
+    def _backward_projected(self, losses, counts: dict[str, float], params: list[Tensor], keep: list[bool]) -> None:
         """``stash="projected"``: every parameter's gradient is handled the moment autograd has accumulated it
         (a post-accumulate-grad hook), so no full set of task gradients is ever alive.
 
@@ -311,10 +311,9 @@ class GemsOptimizer(torch.optim.Optimizer):
 
         try:
             for i, t in enumerate(self.tasks):
-                keep = retain_graph or i < len(self.tasks) - 1
                 handles = [p.register_post_accumulate_grad_hook(lambda q, t=t: on_grad(q, t)) for p in params]
                 try:
-                    torch.autograd.backward(losses[t], inputs=params, retain_graph=keep)
+                    torch.autograd.backward(losses[t], inputs=params, retain_graph=keep[i])
                 finally:
                     for h in handles:
                         h.remove()

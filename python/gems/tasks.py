@@ -148,6 +148,33 @@ class TaskGradients:
         return [self.loss_sum[t] / calls for t in self.tasks]
 
 
+def _graph_nodes(loss: Tensor) -> set:
+    """Autograd nodes that ``loss``'s backward frees (leaf AccumulateGrad nodes hold nothing and are skipped)."""
+    seen: set = set()
+    stack = [loss.grad_fn]
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen or type(fn).__name__ == "AccumulateGrad":
+            continue
+        seen.add(fn)
+        stack.extend(f for f, _ in fn.next_functions)
+    return seen
+
+
+def retain_flags(losses: Sequence[Tensor], retain_graph: bool) -> list[bool]:
+    """For backward passes run in order over ``losses``: whether each must keep its graph, i.e. whether a
+    later loss still needs part of it (a shared forward). Losses from separate forwards free their
+    activations right after their own backward instead of holding them until the last task's."""
+    if retain_graph:
+        return [True] * len(losses)
+    flags, later = [], set()
+    for loss in reversed(losses):
+        nodes = _graph_nodes(loss)
+        flags.append(bool(nodes & later))
+        later |= nodes
+    return flags[::-1]
+
+
 def compute_gates(gating, tasks: Sequence[str], losses, grad_norms, samples) -> list[float]:
     """Gate g_t of every task subspace, summing to 1 (heuristic and uniform) or as fixed by the user."""
     if len(tasks) == 1:

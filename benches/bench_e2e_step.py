@@ -25,7 +25,7 @@ normal steps, and the per-step cost at the real gap (``--gap``, default 200) is 
     total = fwd+bwd + optimizer step + refresh / gap,     overhead share = (optimizer step + refresh/gap) / total.
 
 Caveat: the warm-started subspace iteration starts from a basis ``--measure-gap`` steps old here rather than
-``--gap`` steps old; its adaptive iteration count (2–4) may differ at the real gap. Writes
+``--gap`` steps old; its adaptive iteration count (1–2) may differ at the real gap. Writes
 benches/results/e2e_step_<device>.csv and .md (``--out`` changes the stem).
 """
 from __future__ import annotations
@@ -179,7 +179,7 @@ def main(argv=None) -> list[dict[str, Any]]:
         notes.append(f"torch.set_num_threads({args.threads}) (`--threads`). " + (THREADS_NOTE if args.threads == 1 else ""))
     notes.append(f"The warm-started subspace iteration starts from a basis {args.measure_gap} steps old here (refresh "
                  f"steps timed at update_proj_gap={args.measure_gap}); at gap {args.gap} its adaptive iteration count "
-                 "(2–4) may be higher.")
+                 "(1–2) may be higher.")
     print("\n".join(notes))
 
     stem = Path(args.out) if args.out else RESULTS_DIR / f"e2e_step_{torch.device(args.device).type}"

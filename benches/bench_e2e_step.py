@@ -97,6 +97,7 @@ COLUMNS = ("method", "fwd_bwd_ms", "opt_step_ms", "refresh_ms", "total_ms", "ove
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_common_args(ap)
+    ap.set_defaults(methods=",".join(ALL_METHODS))  # this benchmark's own list (gems-svd included)
     ap.add_argument("--steps", type=int, default=5, help="steps per method, step 0 is warm-up [5: 3 normal + 1 refresh]")
     ap.add_argument("--measure-gap", type=int, default=4, help="update_proj_gap used while timing (refresh steps)")
     ap.add_argument("--gap", type=int, default=200, help="update_proj_gap the refresh cost is amortised over")

@@ -675,12 +675,7 @@ class GemsOptimizer(torch.optim.Optimizer):
                 self._record_update_stats(w, ds, self._coefficients(w, gates))
             lr, wd = float(w.group["lr"]), float(w.group.get("weight_decay", 0.0))
             if mod is None:
-                update = None
-                for s, c in zip(w.subspaces(), self._coefficients(w, gates)):
-                    part = reference.project_back(ds[s], w.work_bases[s], w.side)
-                    update = part.mul_(c) if update is None else update.add_(part, alpha=c)
-                reference.apply_update(w.param, update, lr=lr, weight_decay=wd, decay_basis=self._decay_basis(w),
-                                       decay_side=nsp.acts_on(w.protect_side))
+                self._apply_torch(w, ds, self._coefficients(w, gates), lr, wd)
             else:
                 key = (tuple(w.param.shape), w.param.dtype, w.side, tuple(w.ranks.items()), id(w.group),
                        w.protect_side)
@@ -698,6 +693,29 @@ class GemsOptimizer(torch.optim.Optimizer):
         for w, *_ in work:
             w.release_coords()
             w.step += 1
+
+    def _apply_torch(self, w: WeightSubspaces, ds: dict[str, Tensor], coeffs: list[float], lr: float, wd: float) -> None:
+        """W ← (1 − lr·wd)·W + Σ_s c_s·B'_s·δ_s on the torch backend.
+
+        An fp32 weight without null-space-aware decay takes it as one in-place GEMM over the concatenated,
+        gate-scaled bases (W.addmm_): no full-size temporary and one pass over W, instead of one product
+        per subspace plus separate decay and add passes."""
+        subs = w.subspaces()
+        decay_basis = self._decay_basis(w)
+        if w.param.dtype == torch.float32 and (decay_basis is None or wd == 0 or lr == 0):
+            bases = torch.cat([w.work_bases[s] * c for s, c in zip(subs, coeffs)], dim=1)
+            beta = 1.0 - lr * wd
+            if w.side == "left":
+                w.param.addmm_(bases, torch.cat([ds[s] for s in subs], dim=0), beta=beta)
+            else:
+                w.param.addmm_(torch.cat([ds[s] for s in subs], dim=1), bases.T, beta=beta)
+            return
+        update = None
+        for s, c in zip(subs, coeffs):
+            part = reference.project_back(ds[s], w.work_bases[s], w.side)
+            update = part.mul_(c) if update is None else update.add_(part, alpha=c)
+        reference.apply_update(w.param, update, lr=lr, weight_decay=wd, decay_basis=decay_basis,
+                               decay_side=nsp.acts_on(w.protect_side))
 
     def _plain_name(self, p: Tensor) -> str:
         return f"param{next(i for i, q in enumerate(self._plain_params) if q is p)} {tuple(p.shape)}"

@@ -79,14 +79,15 @@ def test_protected_layer_outputs_on_calibration_inputs_unchanged(proj_type, inne
     assert max(leaks) <= 1e-5
 
 
+@pytest.mark.parametrize("stash", ["full", "projected"])
 @pytest.mark.parametrize("proj_type", ["std", "reverse_std"])
-def test_output_side_updates_stay_in_the_null_space(proj_type):
+def test_output_side_updates_stay_in_the_null_space(proj_type, stash):
     model = _net(3)
     x_cal = _calibration_inputs(4)
     ns = NullSpace.calibrate(model, [x_cal], side="output", threshold=2e-2, target_modules="^0$")
     k = ns.report()["0"]["protected_dim"]
     assert 0 < k < 24
-    opt = _opt(model, ns, proj_type=proj_type)
+    opt = _opt(model, ns, proj_type=proj_type, stash=stash, refresh_schedule="staggered")
     q = ns.basis("0").double()
     leaks = []
     _train(model, opt, 20, check=lambda before: leaks.append(

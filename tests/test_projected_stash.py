@@ -195,6 +195,10 @@ def test_new_options_are_validated_and_saved():
         make_opt(model, refresh_schedule="random")
     with pytest.raises(ValueError, match="needs model"):
         gems.GemsOptimizer(torch.optim.AdamW(model.parameters()), target_embeddings=True)
+    sparse = TiedLM()
+    sparse.embed.sparse = True
+    with pytest.raises(ValueError, match="sparse"):
+        gems.GemsOptimizer(torch.optim.SGD(sparse.parameters(), lr=0.1), model=sparse, target_embeddings=True)
     opt = make_opt(model, stash="projected", refresh_schedule="staggered")
     cfg = opt.state_dict()["config"]
     assert cfg["stash"] == "projected" and cfg["refresh_schedule"] == "staggered"

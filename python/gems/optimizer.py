@@ -160,7 +160,12 @@ class GemsOptimizer(torch.optim.Optimizer):
             modules = select_linear_modules(model, target_modules)
             named = [(f"{n}.weight", m.weight) for n, m in modules]
             if self.target_embeddings:
-                named += [(f"{n}.weight", m.weight) for n, m in model.named_modules() if isinstance(m, nn.Embedding)]
+                embeddings = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Embedding)]
+                sparse = [n for n, m in embeddings if m.sparse]
+                if sparse:
+                    raise ValueError(f"target_embeddings=True: {sparse} use sparse gradients, which GEMS cannot "
+                                     "project; build them with sparse=False")
+                named += [(f"{n}.weight", m.weight) for n, m in embeddings]
         else:
             if target_modules is not None:
                 raise ValueError("target_modules needs model=")
@@ -549,7 +554,10 @@ class GemsOptimizer(torch.optim.Optimizer):
                 continue
             if not _finite(g):
                 return None
-            proj = reference.project(g.float(), self._task_bases(w, t), w.side)
+            g = g.float()
+            if self.nullspace_mode == "gradient" and w.protected is not None:
+                g = nsp.project_gradient(g, w.protected, w.protect_side)
+            proj = reference.project(g, self._task_bases(w, t), w.side)
             out[i] = proj if out[i] is None else out[i].add_(proj)
         return out
 

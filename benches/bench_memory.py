@@ -14,6 +14,8 @@ Methods (same model, same batch; the baselines train on the mixed batch, GEMS on
 - ``lora``:   peft LoRA r=``--lora-rank``, alpha 2r, all linear layers, torch AdamW on the adapters.
 - ``gems``:   gems.GemsOptimizer over torch AdamW, tasks search/rec, rank ``--rank`` shared / ``--task-rank``
   per task, ``refresh="subspace_iter"``, ``opt.backward({task: loss})`` (one autograd pass per task).
+- ``gems-projected``: ``stash="projected"`` and ``refresh_schedule="staggered"`` only (the embedding keeps
+  full AdamW, as under GaLore): what the projected stash alone saves.
 - ``gems-lowmem``: the same with ``stash="projected"`` (each task gradient projected as autograd produces
   it), ``refresh_schedule="staggered"`` (after the first bases, about one weight refreshes per step) and
   ``target_embeddings=True`` (the tied embedding / LM head gets subspaces too instead of full AdamW).
@@ -58,7 +60,7 @@ import gems  # noqa: E402
 from gems.targets import select_linear_modules  # noqa: E402
 
 TASKS = ("search", "rec")
-ALL_METHODS = ("adamw", "galore", "apollo", "lora", "gems", "gems-lowmem")
+ALL_METHODS = ("adamw", "galore", "apollo", "lora", "gems", "gems-projected", "gems-lowmem")
 MIB = 1 / 2**20
 LR = 1e-5  # small: the benches step the real model and only time/measure it
 
@@ -210,9 +212,10 @@ def build(method: str, model: nn.Module, *, rank: int, task_rank: int, lora_rank
                       targeted={id(p) for p in params})
     if method.startswith("gems"):
         variant = method.split("-", 1)[1] if "-" in method else ""
-        lowmem = variant == "lowmem"
-        refresh = variant if variant and not lowmem else "subspace_iter"
-        extra = dict(stash="projected", refresh_schedule="staggered", target_embeddings=True) if lowmem else {}
+        options = {"lowmem": dict(stash="projected", refresh_schedule="staggered", target_embeddings=True),
+                   "projected": dict(stash="projected", refresh_schedule="staggered")}
+        extra = options.get(variant, {})
+        refresh = variant if variant and variant not in options else "subspace_iter"
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # rank clamping on tiny models
             opt = gems.GemsOptimizer(torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=wd), model=model,
@@ -447,12 +450,12 @@ def main(argv=None) -> list[dict[str, Any]]:
         "`targeted` = the part for the Linear weights GaLore/APOLLO/GEMS project (LoRA: its adapters), `other` = "
         "embedding (tied LM head) and norms, trained with full AdamW by every method but LoRA; `bases` = GEMS' "
         "fp32 bases; `extra_params` = LoRA adapter weights; `grads_held` = gradient bytes alive when the "
-        "optimizer step starts (GEMS: its per-task stash, one full gradient per task; `gems-lowmem`: coordinates "
-        "only); `peak_step` = peak "
+        "optimizer step starts (GEMS: its per-task stash, one full gradient per task; `gems-projected` and "
+        "`gems-lowmem`: coordinates, plus full gradients of what is not projected); `peak_step` = peak "
         + ("RSS (VmHWM, reset before each step) minus RSS after loading model and batch, max over steps"
            if args.device == "cpu" else "torch.cuda.max_memory_allocated minus allocated bytes before the optimizer")
         + "; `peaks_per_step` lists each step (step 1 allocates the state and computes the first bases)."]
-    for name in ("gems", "gems-lowmem"):
+    for name in ("gems", "gems-projected", "gems-lowmem"):
         g = by.get(name)
         if g is None:
             continue
@@ -460,8 +463,8 @@ def main(argv=None) -> list[dict[str, Any]]:
             a = by["adamw"]
             notes.append(f"Target 1 (`{name}`), GEMS optimizer state ≤ 30% of AdamW's at rank {args.rank} / task "
                          f"{args.task_rank}: whole model {g['state'] / a['state']:.1%}"
-                         + (f", targeted Linear weights only {g['state_targeted'] / a['state_targeted']:.1%}."
-                            if name == "gems" else " (the embedding has subspaces too)."))
+                         + (" (the embedding has subspaces too)." if name == "gems-lowmem" else
+                            f", targeted Linear weights only {g['state_targeted'] / a['state_targeted']:.1%}."))
         if "galore" in by:
             l = by["galore"]
             notes.append(f"Target 2 (`{name}`), GEMS peak step memory below galore-torch's at equal shared rank: GEMS "

@@ -245,3 +245,18 @@ def test_losses_cut_from_one_shared_forward_still_work(stash):
         opt.step()
         opt.zero_grad()
     assert all(w.step == 3 for w in opt.subspaces)
+
+
+def test_projected_task_that_never_reaches_a_weight():
+    """Task b's loss does not touch inp/mid: on the refresh step those weights keep task a's full gradient
+    until the step refreshes them there; afterwards they are stepped from task a's coordinates alone."""
+    model = make_model(76)
+    opt = make_opt(model, stash="projected", update_proj_gap=3)
+    for batch in task_batches(5, seed=77):
+        losses = task_losses(model, batch)
+        losses["b"] = (model.out(torch.randn(3, 43)) ** 2).mean()
+        opt.backward(losses)
+        opt.step()
+        opt.zero_grad()
+        assert opt.last_skipped == []
+    assert all(w.step == 5 for w in opt.subspaces)

@@ -260,3 +260,70 @@ def test_projected_task_that_never_reaches_a_weight():
         opt.zero_grad()
         assert opt.last_skipped == []
     assert all(w.step == 5 for w in opt.subspaces)
+
+
+@pytest.mark.parametrize("stash", ["full", "projected"])
+def test_fp64_model_trains(stash):
+    model = make_model(78).double()
+    opt = make_opt(model, stash=stash)
+    batches = [{t: (x.double(), y.double()) for t, (x, y) in b.items()} for b in task_batches(6, seed=79)]
+    before = {t: float(l.detach()) for t, l in task_losses(model, batches[0]).items()}
+    train(model, opt, batches)
+    after = {t: float(l.detach()) for t, l in task_losses(model, batches[0]).items()}
+    assert all(after[t] < before[t] for t in before) and opt.last_skipped == []
+
+
+def test_a_weight_found_non_finite_earlier_in_the_step_is_not_refreshed_later():
+    """Refresh step, two micro-batches: the first has an Inf for mid.weight, the second is finite. The weight
+    is skipped for the step; its bases, schedule and inner state stay as they were."""
+    model = make_model(80)
+    opt = make_opt(model, stash="projected", update_proj_gap=2, state_transfer="reset")
+    train(model, opt, task_batches(2, seed=81))
+    mid = next(w for w in opt.subspaces if w.name == "mid.weight")
+    bases = {s: b.clone() for s, b in mid.bases.items()}
+    next_refresh = mid.next_refresh
+    state = {s: copy.deepcopy(opt.state[c]) for s, c in mid.coords.items()}
+    micro = task_batches(2, seed=82)
+    bad = task_losses(model, micro[0])
+    bad["a"] = bad["a"] + float("inf") * model.mid.weight.sum()
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        opt.backward(bad)
+        opt.backward(task_losses(model, micro[1]))
+        opt.step()
+    assert "mid.weight" in opt.last_skipped
+    assert all(torch.equal(bases[s], mid.bases[s]) for s in bases) and mid.next_refresh == next_refresh
+    assert all(torch.equal(state[s]["exp_avg"], opt.state[c]["exp_avg"]) for s, c in mid.coords.items())
+
+
+def test_refresh_waits_for_the_step_when_a_task_is_missing_from_the_micro_batch():
+    """Micro-batches that each carry one task: the bases must come from both tasks' gradients (at the step),
+    not from the first micro-batch, where task a's gradient is zero."""
+    bases = {}
+    for stash in ("full", "projected"):
+        model = make_model(83)
+        opt = make_opt(model, stash=stash)
+        (batch,) = task_batches(1, seed=84)
+        for only in ("b", "a"):
+            losses = task_losses(model, batch)
+            losses = {t: (l if t == only else 0.0 * l) for t, l in losses.items()}
+            opt.backward(losses, num_samples={t: (16 if t == only else 0) for t in losses})
+        assert not opt._task_grads.refreshed
+        opt.step()
+        bases[stash] = [{s: b.clone() for s, b in w.bases.items()} for w in opt.subspaces]
+    for full, proj in zip(bases["full"], bases["projected"]):
+        for s in full:
+            torch.testing.assert_close(proj[s], full[s], rtol=1e-4, atol=1e-5)
+
+
+def test_shared_grad_norm_over_micro_batches_estimates_the_norm_of_the_sum():
+    norms = {}
+    for stash in ("full", "projected"):
+        model = make_model(85)
+        opt = make_opt(model, stash=stash, tasks=["a"], task_rank=0)
+        train(model, opt, [{"a": b["a"]} for b in task_batches(1, seed=86)])
+        (batch,) = task_batches(1, seed=87)
+        for _ in range(2):  # the same micro-batch twice: the norm doubles
+            opt.backward({"a": task_losses(model, {"a": batch["a"]})["a"]})
+        norms[stash] = opt.shared_grad_norm()
+    assert norms["projected"] == pytest.approx(norms["full"], rel=0.15)
+    assert norms["projected"] > 0.8 * norms["full"]  # Σ‖g_i‖² alone would give 1/√2 of it

@@ -290,3 +290,19 @@ def test_adaptive_default_stops_early_when_warm_start_is_converged(monkeypatch):
     calls.clear()
     compute_basis(g, 8, "left", method="subspace_iter", iters=4, generator=_gen())
     assert warm_calls < len(calls)
+
+
+@pytest.mark.parametrize("method", FAST)
+@pytest.mark.parametrize("spike", [30.0, 100.0])
+def test_one_dominant_direction_does_not_drown_the_others(method, spike):
+    """σ₁ far above the rest: the total energy hides a basis whose directions 2..r are noise, so the energy
+    of directions 2..r (the exact top-r basis minus its first vector) is checked on its own."""
+    g = decaying(144, 384, seed=21, alpha=0.5).double()
+    u, s, vh = torch.linalg.svd(g, full_matrices=False)
+    s[0] = s[0] * spike
+    g = ((u * s) @ vh).float()
+    r = 32
+    basis = compute_basis(g, r, "left", method=method, generator=_gen())
+    rest = g.double() - torch.outer(u[:, 0], u[:, 0]) @ g.double()  # g without its top direction
+    exact_rest = float(s[1:r].pow(2).sum())
+    assert captured(rest, basis, "left") >= 0.95 * exact_rest

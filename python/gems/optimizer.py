@@ -29,15 +29,32 @@ STASHES = ("full", "projected")
 REFRESH_SCHEDULES = ("aligned", "staggered")
 
 
+def _norm(t: Tensor) -> Tensor:
+    """‖t‖₂ accumulated in fp32 (fp64 for fp64 tensors), as a 0-d tensor (no host sync)."""
+    return torch.linalg.vector_norm(t, dtype=torch.float64 if t.dtype == torch.float64 else torch.float32)
+
+
 def _finite(t: Tensor) -> bool:
     """All elements finite, with one reduction and no full-size temporary.
 
     The 2-norm is NaN or inf whenever an element is, and is ~20× faster on CPU than max |x| (measured:
     0.1 ms vs 2.3 ms at 576×1536); only when it is not finite, which a huge finite tensor can also cause
     by overflowing the sum of squares, does max |x| decide."""
-    if t.numel() == 0 or bool(torch.isfinite(torch.linalg.vector_norm(t, dtype=torch.float32))):
+    if t.numel() == 0 or bool(torch.isfinite(_norm(t))):
         return True
     return bool(torch.isfinite(torch.linalg.vector_norm(t, ord=float("inf"))))
+
+
+def _read_scalars(values: list[Tensor]) -> list[float]:
+    """0-d tensors to floats with one transfer per device (they may live on several)."""
+    out: list[float] = [0.0] * len(values)
+    by_device: dict[torch.device, list[int]] = {}
+    for i, v in enumerate(values):
+        by_device.setdefault(v.device, []).append(i)
+    for idx in by_device.values():
+        for i, x in zip(idx, torch.stack([values[i].double() for i in idx]).tolist()):
+            out[i] = x
+    return out
 
 
 class GemsOptimizer(torch.optim.Optimizer):
@@ -301,7 +318,10 @@ class GemsOptimizer(torch.optim.Optimizer):
         total = sum(counts.values())
         mix = [counts[t] / total for t in self.tasks]
         by_id = {id(w.param): w for w in self._subspaces}
-        refresh_here = not distributed.should_sync(self.sync)
+        # the bases of a due weight come from this call's gradients only if every task is in it (a micro-batch
+        # without some task would give that task a basis from a zero gradient); otherwise, and under DDP,
+        # the full gradients wait for the step
+        refresh_here = not distributed.should_sync(self.sync) and all(counts[t] > 0 for t in self.tasks)
         due = {k for k, w in by_id.items() if w.step >= w.next_refresh and k not in stash.refreshed}
         held = {}
         for p in params:  # the user's own .grad (if any) is set aside, untouched
@@ -312,6 +332,8 @@ class GemsOptimizer(torch.optim.Optimizer):
         def on_grad(p: Tensor, task: str) -> None:
             g, p.grad = p.grad, None
             w = by_id.get(id(p))
+            if w is not None and id(p) in stash.nonfinite:
+                return  # skipped this step whatever comes next: no refresh, no state change
             if w is None or (id(p) in due and not (refresh_here and task == last_task)):
                 stash.add_full(task, p, g)
             elif id(p) in due:
@@ -334,14 +356,10 @@ class GemsOptimizer(torch.optim.Optimizer):
                 p.grad = held[id(p)]
 
     def _stash_projected(self, w: WeightSubspaces, task: str, g: Tensor) -> None:
+        # no host sync here (this runs inside autograd): a NaN/Inf gradient makes its squared norm non-finite,
+        # and step() checks all of them at once (a gradient whose norm overflows counts as non-finite too)
         key = id(w.param)
-        if key in self._task_grads.nonfinite:
-            return
-        norm = torch.linalg.vector_norm(g, dtype=torch.float32)
-        if not bool(torch.isfinite(norm)) and not _finite(g):
-            self._task_grads.nonfinite.add(key)
-            return
-        sq = norm.square()
+        sq = _norm(g).float().square()
         g = g.float()
         if self.nullspace_mode == "gradient" and w.protected is not None:
             g = nsp.project_gradient(g, w.protected, w.protect_side)
@@ -386,23 +404,25 @@ class GemsOptimizer(torch.optim.Optimizer):
 
     def _projected_shared_sq(self, weights: list[float]) -> float:
         """‖Σ_t w_t·G_t‖² of the weights held as coordinates (``stash="projected"``), estimated from what was
-        kept: Σ_t w_t²‖G_t‖² (exact) + 2Σ_{s<t} w_s·w_t·⟨G_s, G_t⟩, the cross terms measured in the shared
-        subspace (exact when the tasks' gradients overlap only there, as the shared basis is built to capture)."""
+        kept: Σ_t w_t²‖G_t‖² + 2Σ_{s<t} w_s·w_t·⟨G_s, G_t⟩, the cross-task terms measured in the shared
+        subspace (exact when the tasks' gradients overlap only there, as the shared basis is built to capture).
+        ‖G_t‖² is exact for one micro-batch; across micro-batches its cross terms are measured in [B_sh, B_t]
+        (see TaskGradients.add_projected)."""
         stash = self._task_grads
-        total = 0.0
+        terms: list[Tensor] = []
         for w in self._subspaces:
             key = id(w.param)
             r_sh = w.ranks[SHARED]
             shared = []
             for t, wt in zip(self.tasks, weights):
                 if key in stash.sqnorms[t]:
-                    total += wt * wt * float(stash.sqnorms[t][key])
+                    terms.append(stash.sqnorms[t][key] * (wt * wt))
                     c = stash.coords[t][key]
                     shared.append((c[:r_sh] if w.side == "left" else c[:, :r_sh]) * wt)
             for i in range(len(shared)):
                 for j in range(i + 1, len(shared)):
-                    total += 2 * float((shared[i] * shared[j]).sum())
-        return max(total, 0.0)
+                    terms.append(2 * (shared[i] * shared[j]).sum())
+        return max(sum(_read_scalars(terms)), 0.0)
 
     def clip_grad_norm_(self, max_norm: float) -> Tensor:
         """Clip like ``torch.nn.utils.clip_grad_norm_`` on the shared (mixed-batch) gradient: when its norm
@@ -457,14 +477,17 @@ class GemsOptimizer(torch.optim.Optimizer):
         them is not finite. One 2-norm per gradient serves the gates and the finiteness check alike (a
         finite norm proves every element finite; a non-finite one is re-checked with max|x|, since a huge
         but finite gradient can overflow the sum of squares), and all norms are read back in one go."""
+        stash = self._task_grads
         out: dict[int, list[float] | None] = {key: [0.0] * len(grads) for key, grads in per_weight.items()}
         where, norms = [], []
         for key, grads in per_weight.items():
             for i, g in enumerate(grads):
                 if g is not None:
                     where.append((key, i))
-                    norms.append(torch.linalg.vector_norm(g, dtype=torch.float32))
-        values = torch.stack(norms).tolist() if norms else []
+                    norms.append(_norm(g))
+        # stash="projected": the squared norms taken in backward are checked here, in the same transfer
+        held = [(i, key) for i, t in enumerate(self.tasks) for key in stash.sqnorms[t]]
+        values = _read_scalars(norms + [stash.sqnorms[self.tasks[i]][key] for i, key in held])
         for (key, i), v in zip(where, values):
             if out[key] is None:
                 continue
@@ -472,6 +495,11 @@ class GemsOptimizer(torch.optim.Optimizer):
                 out[key] = None
                 continue
             out[key][i] = v * v
+        projected = values[len(norms):]
+        stash.nonfinite.update(key for (_, key), v in zip(held, projected) if not math.isfinite(v))
+        for (i, key), v in zip(held, projected):
+            if key not in stash.nonfinite:
+                out.setdefault(key, [0.0] * len(self.tasks))[i] += v
         return out
 
     def _gates(self, sqnorms: dict[int, list[float] | None]) -> list[float]:
@@ -482,8 +510,6 @@ class GemsOptimizer(torch.optim.Optimizer):
             if per_task is not None:
                 for i, v in enumerate(per_task):
                     sq[i] += v
-        for i, t in enumerate(self.tasks):  # stash="projected": norms taken when the gradients arrived
-            sq[i] += sum(float(v) for k, v in self._task_grads.sqnorms[t].items() if k not in self._task_grads.nonfinite)
         norms = [math.sqrt(s) for s in sq]
         return compute_gates(self.gating, self.tasks, self._task_grads.mean_losses(), norms,
                              [self._task_grads.samples[t] for t in self.tasks])

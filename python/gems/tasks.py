@@ -119,9 +119,12 @@ class TaskGradients:
         stash[key] = g.detach() if fresh else g.detach().clone(memory_format=torch.contiguous_format)
 
     def add_projected(self, task: str, key: int, coords: Tensor, sqnorm: Tensor) -> None:
+        """Accumulate one micro-batch's coordinates C and ‖g‖². The norm of the sum needs ⟨G_acc, g⟩, whose
+        full-size operands are gone: it is estimated by ⟨C_acc, C⟩ (the part inside the subspace)."""
         if key in self.coords[task]:
-            self.coords[task][key].add_(coords)
-            self.sqnorms[task][key].add_(sqnorm)
+            acc = self.coords[task][key]
+            self.sqnorms[task][key].add_(sqnorm + 2 * (acc * coords).sum())
+            acc.add_(coords)
         else:
             self.coords[task][key] = coords
             self.sqnorms[task][key] = sqnorm

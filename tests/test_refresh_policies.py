@@ -77,3 +77,24 @@ def test_fast_refresh_engines_train(method):
     assert losses[-1]["a"] < losses[0]["a"]
     for w in opt.subspaces:
         assert float((w.bases["shared"].T @ w.bases["a"]).norm()) <= 1e-5
+
+
+@pytest.mark.parametrize("warm_start", [False, True])
+def test_warm_start_hands_the_old_bases_to_the_engine(monkeypatch, warm_start):
+    from gems import subspaces
+
+    seen = []
+    real = subspaces.compute_basis
+
+    def recording(*args, previous=None, **kw):
+        seen.append(previous)
+        return real(*args, previous=previous, **kw)
+
+    monkeypatch.setattr(subspaces, "compute_basis", recording)
+    model = make_model(90)
+    opt = make_opt(model, refresh="subspace_iter", update_proj_gap=2, warm_start=warm_start)
+    train(model, opt, task_batches(3, seed=91))
+    first, second = seen[:len(seen) // 2], seen[len(seen) // 2:]
+    assert all(p is None for p in first)  # no bases yet
+    assert all((p is not None) == warm_start for p in second)
+    assert opt.state_dict()["config"]["warm_start"] is warm_start

@@ -100,6 +100,7 @@ class GemsOptimizer(torch.optim.Optimizer):
         stash: str = "full",
         refresh_schedule: str = "aligned",
         target_embeddings: bool = False,
+        warm_start: bool = False,
     ) -> None:
         if not isinstance(inner, torch.optim.Optimizer):
             raise TypeError(f"inner must be a torch.optim.Optimizer instance, got {type(inner).__name__}")
@@ -151,6 +152,7 @@ class GemsOptimizer(torch.optim.Optimizer):
         self.track_update_stats = False
         self.backend_request = backend
         self.stash, self.refresh_schedule, self.target_embeddings = stash, refresh_schedule, target_embeddings
+        self.warm_start = bool(warm_start)
         self._task_grads = TaskGradients(self.tasks)
         self.last_gates: dict[str, float] = {t: 1.0 / len(self.tasks) for t in self.tasks}
         self.last_skipped: list[str] = []
@@ -376,7 +378,7 @@ class GemsOptimizer(torch.optim.Optimizer):
             used = [nsp.project_gradient(g, w.protected, w.protect_side) for g in grads]
         shared = reference.shared_gradient(used, mix) if len(used) > 1 else used[0].float()
         old = w.refresh(shared, dict(zip(self.tasks, used)), task_basis=self.task_basis,
-                        method=self.refresh_method, generator=self._generator(w))
+                        method=self.refresh_method, generator=self._generator(w), warm_start=self.warm_start)
         del shared, used
         self._after_refresh(w, old)
         self._task_grads.refreshed.add(id(w.param))
@@ -563,7 +565,7 @@ class GemsOptimizer(torch.optim.Optimizer):
             if w.step >= w.next_refresh:  # the full shared gradient is only ever built for a refresh
                 shared = reference.shared_gradient(grads, shared_w) if len(grads) > 1 else grads[0].float()
                 old = w.refresh(shared, dict(zip(self.tasks, grads)), task_basis=self.task_basis,
-                                method=self.refresh_method, generator=self._generator(w))
+                                method=self.refresh_method, generator=self._generator(w), warm_start=self.warm_start)
                 del shared
                 refreshed.append((w, old))
             work.append((w, shared_w, grads, False))
@@ -847,7 +849,7 @@ class GemsOptimizer(torch.optim.Optimizer):
                 "update_proj_gap": self.update_proj_gap, "scale": self.scale, "proj_type": self.proj_type,
                 "task_basis": self.task_basis, "refresh": self.refresh_method,
                 "state_transfer": self.state_transfer, "adaptive_refresh": self.adaptive_refresh,
-                "stash": self.stash, "refresh_schedule": self.refresh_schedule,
+                "stash": self.stash, "refresh_schedule": self.refresh_schedule, "warm_start": self.warm_start,
                 "target_embeddings": self.target_embeddings,
                 "gating": dict(self.gating) if isinstance(self.gating, dict) else self.gating}
 

@@ -19,8 +19,8 @@ Engines (``method``):
   (RANDOMIZED_POWER_ITERS): Y = (A·Aᵀ)^q·A·Ω and the same extraction.
 
 Speed (AMD EPYC, one thread, fp32, benches/results/refresh_cpu.md): at 576×1536 rank 128 one call is
-two GEMMs (≈ 3.3 ms each) plus ≈ 5 ms of QR/SVD/sketch, ≈ 12–14 ms against 135–200 ms for
-torch.linalg.svd (≈ 10–15×, the ratio is noisy at this size); 2048×2048 rank 128: ≈ 28–50×.
+two GEMMs (≈ 3.3 ms each) plus ≈ 6 ms of QR/SVD/sketch, ≈ 13 ms against ≈ 135 ms for torch.linalg.svd
+(≈ 10×); 2048×2048 rank 128: ≈ 25–45×.
 
 All engines compute in fp32 (fp64 if given fp64) whatever the input dtype and return fp32 orthonormal
 columns. Zero and rank-deficient matrices still get a full orthonormal basis: Householder QR returns

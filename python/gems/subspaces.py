@@ -92,12 +92,13 @@ class WeightSubspaces:
         return [s for s, r in self.ranks.items() if r > 0]
 
     def refresh(self, shared_grad: Tensor, task_grads: dict[str, Tensor], *, task_basis: str, method: str,
-                generator: torch.Generator) -> dict[str, Tensor | None]:
+                generator: torch.Generator, warm_start: bool = False) -> dict[str, Tensor | None]:
         """New bases from this step's gradients: B_sh from the shared gradient, B_t from G_t (residual mode:
         from the part of G_t outside span(B_sh), and orthonormalised against B_sh). Returns the old bases."""
         old = dict(self.bases)
+        prev = old if warm_start else {}  # the iterative engines start from the bases being replaced
         b_sh = compute_basis(shared_grad, self.ranks[SHARED], self.side, method=method,
-                             previous=self.bases.get(SHARED), generator=generator)
+                             previous=prev.get(SHARED), generator=generator)
         self.bases[SHARED] = b_sh
         for t, g in task_grads.items():
             r = self.ranks[t]
@@ -106,10 +107,10 @@ class WeightSubspaces:
             g = g.float()
             if task_basis == "residual":
                 resid = reference.remove_component(g, b_sh, self.side)
-                b = compute_basis(resid, r, self.side, method=method, previous=self.bases.get(t), generator=generator)
+                b = compute_basis(resid, r, self.side, method=method, previous=prev.get(t), generator=generator)
                 b = reference.orthonormalize_against(b, b_sh, generator)
             else:
-                b = compute_basis(g, r, self.side, method=method, previous=self.bases.get(t), generator=generator)
+                b = compute_basis(g, r, self.side, method=method, previous=prev.get(t), generator=generator)
             self.bases[t] = b
         return old
 

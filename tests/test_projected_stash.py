@@ -327,3 +327,19 @@ def test_shared_grad_norm_over_micro_batches_estimates_the_norm_of_the_sum():
         norms[stash] = opt.shared_grad_norm()
     assert norms["projected"] == pytest.approx(norms["full"], rel=0.15)
     assert norms["projected"] > 0.8 * norms["full"]  # Σ‖g_i‖² alone would give 1/√2 of it
+
+
+def test_projected_diagnostics_report_the_cosine_inside_the_shared_subspace():
+    model = make_model(92)
+    opt = make_opt(model, stash="projected")
+    batches = task_batches(2, seed=93)
+    train(model, opt, batches[:1])
+    losses = task_losses(model, batches[1])
+    full = {t: torch.autograd.grad(losses[t], [model.mid.weight], retain_graph=True)[0] for t in ("a", "b")}
+    opt.backward(losses)
+    d = opt.diagnostics()
+    mid = next(w for w in opt.subspaces if w.name == "mid.weight")
+    ca, cb = (reference.project(full[t], mid.work_bases["shared"], mid.side) for t in ("a", "b"))
+    expected = float((ca * cb).sum() / (ca.norm() * cb.norm()))
+    assert d["mid/cos_shared/a-b"] == pytest.approx(expected, rel=1e-4, abs=1e-6)
+    assert "mid/cos/a-b" not in d and "gate/a" in d

@@ -825,7 +825,9 @@ class GemsOptimizer(torch.optim.Optimizer):
         Call it after ``opt.backward`` and before ``opt.step`` to get gradient diagnostics for the current
         step: cosine between each pair of task gradients (``<weight>/cos/<a>-<b>``), conflict ratio, energy
         of each gradient captured by the shared and by its own subspace, the smallest principal angle
-        between the shared and each task subspace; plus the gates (``gate/<task>``). Set
+        between the shared and each task subspace; plus the gates (``gate/<task>``). With ``stash="projected"``
+        the full task gradients are gone: a projected weight reports ``<weight>/cos_shared/<a>-<b>``, the
+        cosine between the tasks' gradients inside the shared subspace (B_shᵀG_a vs B_shᵀG_b), instead. Set
         ``opt.track_update_stats = True`` to also get, for protected weights, the null-space leakage of the
         last applied update and the share of it the projection removed."""
         per_layer: dict[str, dict[str, float]] = {}
@@ -837,6 +839,11 @@ class GemsOptimizer(torch.optim.Optimizer):
             entry = diag.layer_diagnostics(grads, bases=bases or None, side=w.side,
                                            shared_grad=reference.shared_gradient(list(grads.values()), stash.shared_weights())
                                            if len(grads) == len(self.tasks) and grads else None) if (grads or bases) else {}
+            coords = {t: stash.coords[t][id(w.param)] for t in self.tasks if id(w.param) in stash.coords[t]}
+            if len(coords) >= 2:  # stash="projected": the tasks compared inside the shared subspace
+                r_sh = w.ranks[SHARED]
+                entry["cos_shared"] = diag.gradient_cosines(
+                    {t: (c[:r_sh] if w.side == "left" else c[:, :r_sh]) for t, c in coords.items()})
             entry.update(self._update_stats.get(w.name, {}))
             if entry:
                 per_layer[w.name.removesuffix(".weight")] = entry

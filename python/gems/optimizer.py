@@ -265,6 +265,7 @@ class GemsOptimizer(torch.optim.Optimizer):
         return (f"GemsOptimizer(tasks={self.tasks}, rank={self.rank}, task_rank={self.task_rank}, "
                 f"update_proj_gap={self.update_proj_gap}, scale={self.scale}, proj_type={self.proj_type!r}, "
                 f"task_basis={self.task_basis!r}, gating={self.gating!r}, backend={self.backend!r}, "
+                f"refresh={self.refresh_method!r}, stash={self.stash!r}, refresh_schedule={self.refresh_schedule!r}, "
                 f"targeted_weights={len(self._subspaces)}, shapes={shapes},\n  inner={self.inner!r})")
 
     @property

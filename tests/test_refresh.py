@@ -306,3 +306,15 @@ def test_one_dominant_direction_does_not_drown_the_others(method, spike):
     rest = g.double() - torch.outer(u[:, 0], u[:, 0]) @ g.double()  # g without its top direction
     exact_rest = float(s[1:r].pow(2).sum())
     assert captured(rest, basis, "left") >= 0.95 * exact_rest
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("shape,rank", [((576, 1536), 128), ((576, 576), 512), ((300, 300), 299)])
+def test_cuda_refresh_small_svd_driver_and_fallback(shape, rank):
+    """On CUDA the k×k factor goes through CUDA_SMALL_SVD_DRIVER (gesvda), which failed to converge at rank
+    512 of a 576×576 matrix on an H100: the fallback must answer with an orthonormal, high-energy basis."""
+    g = decaying(*shape, seed=31, alpha=0.5).cuda()
+    basis = compute_basis(g, rank, "left", method="subspace_iter", generator=_gen())
+    assert basis.is_cuda and orth_error(basis.cpu()) <= 1e-5
+    assert captured(g.cpu(), basis.cpu(), "left") >= 0.99 * exact_energy(g.cpu(), rank)

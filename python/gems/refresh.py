@@ -82,6 +82,12 @@ RANDOMIZED_POWER_ITERS = 1
 # it is much slower on CPUs without them, hence not the default.
 ITER_MATMUL_DTYPE: torch.dtype | None = None
 
+# cuSOLVER driver for the SVD of the small k×k factor on CUDA (CPU ignores it). Measured on an H100 at
+# 576×1536 rank 128 (k = 160): torch's default took 3.65 ms of a 5.0 ms refresh and returned a basis
+# orthonormal to only 9e-5; "gesvda" takes 1.28 ms (refresh 3.2 ms), with the same captured energy and
+# orthonormal to 2.4e-7. ("gesvdj": 3.63 ms; "gesvd": 8.9 ms.)
+CUDA_SMALL_SVD_DRIVER: str | None = "gesvda"
+
 # Seed used when no generator is given, so refreshes stay deterministic without touching torch's global
 # random stream (which would change dropout etc. in the user's training run).
 DEFAULT_SEED = 0x6E5
@@ -177,6 +183,22 @@ def _sketch(a: Tensor, width: int, generator: torch.Generator) -> Tensor:
     return (buckets[:, :width] - buckets[:, width:]).transpose(-2, -1)
 
 
+def _small_svd(r: Tensor) -> tuple[Tensor, Tensor]:
+    """U and singular values of the small k×k factor(s). On CUDA the faster CUDA_SMALL_SVD_DRIVER is tried
+    first; it can fail to converge (measured: rank 512 of a 576×576 gradient) or, being approximate, return
+    vectors that are not orthonormal, and then torch's default driver answers instead."""
+    if r.is_cuda and CUDA_SMALL_SVD_DRIVER:
+        try:
+            u, s, _ = torch.linalg.svd(r, driver=CUDA_SMALL_SVD_DRIVER)
+            eye = torch.eye(u.shape[-1], device=u.device, dtype=u.dtype)
+            if bool(((u.transpose(-2, -1) @ u - eye).abs().amax() < 1e-4).all()):
+                return u, s
+        except torch.linalg.LinAlgError:
+            pass
+    u, s, _ = torch.linalg.svd(r)
+    return u, s
+
+
 def _iterative(
     a: Tensor,
     rank: int,
@@ -240,7 +262,7 @@ def _iterative(
         # ordered approximate singular vectors of A without another pass over A (Y weighs each direction
         # by σ² once more than a Rayleigh–Ritz step on span(Q) would, for one GEMM less).
         q, r = torch.linalg.qr(y)
-        u, s, _ = torch.linalg.svd(r)
+        u, s = _small_svd(r)
         if done >= steps:
             break
         if not adaptive:

@@ -586,13 +586,9 @@ def test_gpu_large_4096_rank_256_128(side, dtype, poison_empty):
 
 
 # ----------------------------------------------------------------------------------------------- optimizer
-@pytest.mark.filterwarnings("ignore:GEMS ranks clamped")
-@pytest.mark.parametrize("with_nullspace", [False, True], ids=["no-nullspace", "nullspace"])
-def test_optimizer_backend_triton_matches_torch(monkeypatch, with_nullspace):
-    """10 GemsOptimizer steps with backend="triton" vs backend="torch" (fp32, two tasks, a refresh in the
-    middle); the Triton launchers must really run every step."""
-    import gems
-
+@pytest.fixture
+def launch_counts(monkeypatch):
+    """Calls of each Triton launcher, counted while the test runs (so a test can tell the kernels really ran)."""
     calls = {"project_adam": 0, "back_project_update": 0}
     for name in calls:
         real = getattr(gk, name)
@@ -602,6 +598,17 @@ def test_optimizer_backend_triton_matches_torch(monkeypatch, with_nullspace):
             return _real(*a, **k)
 
         monkeypatch.setattr(gk, name, counted)
+    return calls
+
+
+@pytest.mark.filterwarnings("ignore:GEMS ranks clamped")
+@pytest.mark.parametrize("with_nullspace", [False, True], ids=["no-nullspace", "nullspace"])
+def test_optimizer_backend_triton_matches_torch(launch_counts, with_nullspace):
+    """10 GemsOptimizer steps with backend="triton" vs backend="torch" (fp32, two tasks, a refresh in the
+    middle); the Triton launchers must really run every step."""
+    import gems
+
+    calls = launch_counts
 
     def run(backend):
         torch.manual_seed(0)
@@ -634,20 +641,12 @@ def test_optimizer_backend_triton_matches_torch(monkeypatch, with_nullspace):
 
 
 @pytest.mark.filterwarnings("ignore:GEMS ranks clamped")
-def test_projected_stash_with_triton_backend_uses_the_back_projection_kernel(monkeypatch):
+def test_projected_stash_with_triton_backend_uses_the_back_projection_kernel(launch_counts):
     """stash="projected" has no full gradients for the fused projection kernel: the inner optimizer steps the
     coordinates and the Triton back-projection writes the weights, matching the torch backend."""
     import gems
 
-    calls = {"project_adam": 0, "back_project_update": 0}
-    for name in calls:
-        real = getattr(gk, name)
-
-        def counted(*a, _real=real, _name=name, **k):
-            calls[_name] += 1
-            return _real(*a, **k)
-
-        monkeypatch.setattr(gk, name, counted)
+    calls = launch_counts
 
     def run(backend):
         torch.manual_seed(0)

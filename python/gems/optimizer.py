@@ -29,6 +29,17 @@ STASHES = ("full", "projected")
 REFRESH_SCHEDULES = ("aligned", "staggered")
 
 
+def _one_of(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+def _split(w: WeightSubspaces, coords: Tensor) -> tuple[Tensor, Tensor]:
+    """Coordinates against [B_sh, B_t] → (shared part, task part)."""
+    r_sh = w.ranks[SHARED]
+    return (coords[:r_sh], coords[r_sh:]) if w.side == "left" else (coords[:, :r_sh], coords[:, r_sh:])
+
+
 def _norm(t: Tensor) -> Tensor:
     """‖t‖₂ accumulated in fp32 (fp64 for fp64 tensors), as a 0-d tensor (no host sync)."""
     return torch.linalg.vector_norm(t, dtype=torch.float64 if t.dtype == torch.float64 else torch.float32)
@@ -116,26 +127,19 @@ class GemsOptimizer(torch.optim.Optimizer):
         if not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
             raise ValueError(f"scale must be a positive finite number, got {scale!r}")
         reference.side_for((2, 1), proj_type)  # validates proj_type
-        if task_basis not in TASK_BASES:
-            raise ValueError(f"task_basis must be one of {TASK_BASES}, got {task_basis!r}")
-        if refresh not in REFRESH_METHODS:
-            raise ValueError(f"refresh must be one of {REFRESH_METHODS}, got {refresh!r}")
-        if state_transfer not in STATE_TRANSFERS:
-            raise ValueError(f"state_transfer must be one of {STATE_TRANSFERS}, got {state_transfer!r}")
+        _one_of("task_basis", task_basis, TASK_BASES)
+        _one_of("refresh", refresh, REFRESH_METHODS)
+        _one_of("state_transfer", state_transfer, STATE_TRANSFERS)
         if adaptive_refresh is not None and not (isinstance(adaptive_refresh, float) and 0 < adaptive_refresh <= 1):
             raise ValueError(f"adaptive_refresh must be None or a similarity in (0, 1], got {adaptive_refresh!r}")
         if sync not in ("auto", "none"):
             raise ValueError(f"sync must be 'auto' or 'none', got {sync!r}")
         if nullspace is not None and not isinstance(nullspace, nsp.NullSpace):
             raise TypeError(f"nullspace must be a gems.NullSpace, got {type(nullspace).__name__}")
-        if nullspace_mode not in NULLSPACE_MODES:
-            raise ValueError(f"nullspace_mode must be one of {NULLSPACE_MODES}, got {nullspace_mode!r}")
-        if nullspace_weight_decay not in NULLSPACE_DECAYS:
-            raise ValueError(f"nullspace_weight_decay must be one of {NULLSPACE_DECAYS}, got {nullspace_weight_decay!r}")
-        if stash not in STASHES:
-            raise ValueError(f"stash must be one of {STASHES}, got {stash!r}")
-        if refresh_schedule not in REFRESH_SCHEDULES:
-            raise ValueError(f"refresh_schedule must be one of {REFRESH_SCHEDULES}, got {refresh_schedule!r}")
+        _one_of("nullspace_mode", nullspace_mode, NULLSPACE_MODES)
+        _one_of("nullspace_weight_decay", nullspace_weight_decay, NULLSPACE_DECAYS)
+        _one_of("stash", stash, STASHES)
+        _one_of("refresh_schedule", refresh_schedule, REFRESH_SCHEDULES)
         if not isinstance(target_embeddings, bool):
             raise TypeError(f"target_embeddings must be a bool, got {target_embeddings!r}")
         if target_embeddings and model is None:
@@ -361,12 +365,16 @@ class GemsOptimizer(torch.optim.Optimizer):
     def _stash_projected(self, w: WeightSubspaces, task: str, g: Tensor) -> None:
         # no host sync here (this runs inside autograd): a NaN/Inf gradient makes its squared norm non-finite,
         # and step() checks all of them at once (a gradient whose norm overflows counts as non-finite too)
-        key = id(w.param)
         sq = _norm(g).float().square()
+        self._task_grads.add_projected(task, id(w.param), self._coordinates(w, task, g), sq)
+
+    def _coordinates(self, w: WeightSubspaces, task: str, g: Tensor) -> Tensor:
+        """One raw task gradient → its coordinates against [B_sh, B_t] (``nullspace_mode="gradient"``: after
+        removing the protected directions, as the full-stash step does before projecting)."""
         g = g.float()
         if self.nullspace_mode == "gradient" and w.protected is not None:
             g = nsp.project_gradient(g, w.protected, w.protect_side)
-        self._task_grads.add_projected(task, key, reference.project(g, self._task_bases(w, task), w.side), sq)
+        return reference.project(g, self._task_bases(w, task), w.side)
 
     def _refresh_in_backward(self, w: WeightSubspaces, grads: list[Tensor | None], mix: list[float]) -> None:
         """Refresh ``w`` from this call's task gradients, then stash them projected."""
@@ -415,13 +423,11 @@ class GemsOptimizer(torch.optim.Optimizer):
         terms: list[Tensor] = []
         for w in self._subspaces:
             key = id(w.param)
-            r_sh = w.ranks[SHARED]
             shared = []
             for t, wt in zip(self.tasks, weights):
                 if key in stash.sqnorms[t]:
                     terms.append(stash.sqnorms[t][key] * (wt * wt))
-                    c = stash.coords[t][key]
-                    shared.append((c[:r_sh] if w.side == "left" else c[:, :r_sh]) * wt)
+                    shared.append(_split(w, stash.coords[t][key])[0] * wt)
             for i in range(len(shared)):
                 for j in range(i + 1, len(shared)):
                     terms.append(2 * (shared[i] * shared[j]).sum())
@@ -613,10 +619,7 @@ class GemsOptimizer(torch.optim.Optimizer):
                 continue
             if not _finite(g):
                 return None
-            g = g.float()
-            if self.nullspace_mode == "gradient" and w.protected is not None:
-                g = nsp.project_gradient(g, w.protected, w.protect_side)
-            proj = reference.project(g, self._task_bases(w, t), w.side)
+            proj = self._coordinates(w, t, g)
             out[i] = proj if out[i] is None else out[i].add_(proj)
         return out
 
@@ -649,13 +652,12 @@ class GemsOptimizer(torch.optim.Optimizer):
         """Coordinates of every subspace's gradient from each task's [B_sh, B_t] coordinates:
         R_sh = Σ_t w_t·B_shᵀG_t and R_t = B_tᵀG_t (a task without gradient contributes zeros)."""
         out: dict[str, Tensor] = {}
-        r_sh = w.ranks[SHARED]
         for t, proj, wt in zip(self.tasks, projs, shared_w):
             if proj is None:
                 if w.ranks[t]:
                     out[t] = torch.zeros(w.coord_shape(t), device=w.param.device)
                 continue
-            part_sh, part_t = (proj[:r_sh], proj[r_sh:]) if w.side == "left" else (proj[:, :r_sh], proj[:, r_sh:])
+            part_sh, part_t = _split(w, proj)
             if SHARED in out:
                 out[SHARED].add_(part_sh, alpha=wt)
             else:
@@ -842,9 +844,7 @@ class GemsOptimizer(torch.optim.Optimizer):
                                            if len(grads) == len(self.tasks) and grads else None) if (grads or bases) else {}
             coords = {t: stash.coords[t][id(w.param)] for t in self.tasks if id(w.param) in stash.coords[t]}
             if len(coords) >= 2:  # stash="projected": the tasks compared inside the shared subspace
-                r_sh = w.ranks[SHARED]
-                entry["cos_shared"] = diag.gradient_cosines(
-                    {t: (c[:r_sh] if w.side == "left" else c[:, :r_sh]) for t, c in coords.items()})
+                entry["cos_shared"] = diag.gradient_cosines({t: _split(w, c)[0] for t, c in coords.items()})
             entry.update(self._update_stats.get(w.name, {}))
             if entry:
                 per_layer[w.name.removesuffix(".weight")] = entry

@@ -83,7 +83,7 @@ RANDOMIZED_POWER_ITERS = 1
 ITER_MATMUL_DTYPE: torch.dtype | None = None
 
 # cuSOLVER driver for the SVD of the small k×k factor on CUDA (CPU ignores it). Measured on an H100 at
-# 576×1536 rank 128 (k = 160): torch's default took 3.65 ms of a 5.0 ms refresh and returned a basis
+# 576×1536 rank 128 (k = 160), with the code now in `python benches/bench_micro.py --device cuda`: torch's default took 3.65 ms of a 5.0 ms refresh and returned a basis
 # orthonormal to only 9e-5; "gesvda" takes 1.28 ms (refresh 3.2 ms), with the same captured energy and
 # orthonormal to 2.4e-7. ("gesvdj": 3.63 ms; "gesvd": 8.9 ms.)
 CUDA_SMALL_SVD_DRIVER: str | None = "gesvda"
@@ -246,8 +246,9 @@ def _iterative(
         adaptive, steps = False, (RANDOMIZED_POWER_ITERS if iters is None else iters)
     # The start block is orthonormalised, not just column-scaled: the sketch is already σ-weighted, and with
     # one dominant singular value a power step on unscaled columns pushes directions 2..r below fp32
-    # precision (measured at 576×1536 rank 128 with a σ₁ spike of 100 over an α = 0.5 spectrum: 81% of the
-    # exact energy in directions 2..r captured without this QR, 99% with it; it costs ≈ 1.1 ms).
+    # precision (576×1536 rank 128, σ₁ spiked 100× over an α = 0.5 spectrum: 78% of the exact energy in
+    # directions 2..r captured without this QR, 99% with it, `python benches/bench_micro.py`; it costs
+    # ≈ 1.1 ms).
     q = torch.linalg.qr(y).Q
     if steps == 0:
         # No power iteration: Rayleigh–Ritz on the start block (one GEMM), the best rank-r basis inside it.

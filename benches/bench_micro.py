@@ -1,0 +1,155 @@
+"""Micro-measurements behind constants and comments in the package (one line each, side by side).
+
+    python benches/bench_micro.py --threads 1      # CPU parts
+    python benches/bench_micro.py --device cuda    # adds the CUDA small-SVD driver comparison
+
+- finite check: max|x| vs the 2-norm on a 576×1536 fp32 gradient (gems.optimizer._finite uses the 2-norm
+  first);
+- GEMS step: one GemsOptimizer(AdamW).step on a SmolLM2-shaped stack (6 layers of q/k/v/o + MLP shapes,
+  2 tasks, rank 64 / task 32, no refresh), median of 5;
+- dominant direction: how much of the energy in directions 2..r the refresh captures when σ₁ is spiked
+  100× over an α = 0.5 spectrum (576×1536, rank 128), with the start block orthonormalised (the engine)
+  and with unit-scaled columns instead (the variant that was reverted);
+- CUDA only: the small k×k SVD (k = 160) with each cuSOLVER driver, the 576×160 QR, and a whole
+  compute_basis with CUDA_SMALL_SVD_DRIVER = None vs "gesvda" (time, energy, orthonormality).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import machine_description, synchronize  # noqa: E402
+
+import gems  # noqa: E402
+from gems import refresh  # noqa: E402
+
+
+def ms(fn, device="cpu", n=20) -> float:
+    for _ in range(3):
+        fn()
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(n):
+        fn()
+    synchronize(device)
+    return (time.perf_counter() - start) / n * 1e3
+
+
+def finite_check() -> None:
+    g = torch.randn(576, 1536)
+    inf = ms(lambda: torch.linalg.vector_norm(g, ord=float("inf")))
+    l2 = ms(lambda: torch.linalg.vector_norm(g, dtype=torch.float32))
+    print(f"finite check 576x1536: max|x| {inf:.2f} ms, 2-norm {l2:.2f} ms ({inf / l2:.0f}x)")
+
+
+def gems_step() -> None:
+    torch.manual_seed(0)
+    shapes = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)]
+    model = nn.ModuleList(nn.Linear(i, o, bias=False) for _ in range(6) for o, i in shapes)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = gems.GemsOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.01), model=model,
+                                 tasks=["a", "b"], rank=64, task_rank=32, update_proj_gap=1000, refresh="subspace_iter")
+
+    def fill():  # task gradients straight into the stash: the step alone is timed
+        opt._task_grads.clear()
+        for t in ("a", "b"):
+            for p in model.parameters():
+                opt._task_grads.grads[t][id(p)] = torch.randn_like(p)
+            opt._task_grads.count(t, 1.0, 4)
+        opt._task_grads.calls = 1
+
+    fill()
+    opt.step()  # first bases
+    times = []
+    for _ in range(5):
+        fill()
+        start = time.perf_counter()
+        opt.step()
+        times.append(time.perf_counter() - start)
+    print(f"GEMS step, SmolLM2-shaped stack (42 weights): {statistics.median(times) * 1e3:.0f} ms")
+
+
+def dominant_direction() -> None:
+    gen = torch.Generator().manual_seed(0)
+    m, n, r = 576, 1536, 128
+    u = torch.linalg.qr(torch.randn(m, m, generator=gen, dtype=torch.float64)).Q
+    v = torch.linalg.qr(torch.randn(n, m, generator=gen, dtype=torch.float64)).Q
+    s = (torch.arange(m, dtype=torch.float64) + 1) ** -0.5
+    s[0] *= 100
+    g = ((u * s) @ v.T).float()
+    rest = g.double() - torch.outer(u[:, 0], u[:, 0]) @ g.double()
+    exact = float(s[1:r].pow(2).sum())
+    real_qr = torch.linalg.qr
+
+    def unit_columns(y):  # the reverted variant: only the first call (the start block) is replaced
+        unit_columns.calls += 1
+        if unit_columns.calls == 1:
+            q = y / y.abs().amax(dim=-2, keepdim=True)
+            return torch.return_types.linalg_qr((q / torch.linalg.vector_norm(q, dim=-2, keepdim=True), None))
+        return real_qr(y)
+
+    out = []
+    for label in ("orthonormal start (engine)", "unit-column start (reverted)"):
+        if label.startswith("unit"):
+            unit_columns.calls = 0
+            torch.linalg.qr = unit_columns
+        try:
+            b = refresh.compute_basis(g, r, "left", method="subspace_iter", generator=torch.Generator().manual_seed(0))
+        finally:
+            torch.linalg.qr = real_qr
+        out.append(f"{label} {float((b.double().T @ rest).pow(2).sum()) / exact:.1%}")
+    print("energy of directions 2..r, sigma1 x100, alpha 0.5, 576x1536 r128: " + "; ".join(out))
+
+
+def cuda_small_svd() -> None:
+    dev = "cuda"
+    r = torch.randn(160, 160, device=dev)
+    y = torch.randn(576, 160, device=dev)
+    parts = [f"qr 576x160 {ms(lambda: torch.linalg.qr(y), dev):.2f} ms"]
+    for drv in (None, "gesvd", "gesvdj", "gesvda"):
+        parts.append(f"svd 160 {drv or 'default'} {ms(lambda: torch.linalg.svd(r, driver=drv), dev):.2f} ms")
+    print("; ".join(parts))
+    from bench_refresh import energy, real_gradients
+
+    g = real_gradients()["L15.down_proj"][0].to(dev)
+    exact = energy(g, torch.linalg.svd(g, full_matrices=False).U[:, :128], "left")
+    saved = refresh.CUDA_SMALL_SVD_DRIVER
+    try:
+        for drv in (None, "gesvda"):
+            refresh.CUDA_SMALL_SVD_DRIVER = drv
+            f = lambda: refresh.compute_basis(g, 128, "left", method="subspace_iter",  # noqa: E731
+                                              generator=torch.Generator().manual_seed(0))
+            b = f()
+            orth = float((b.T @ b - torch.eye(128, device=dev)).abs().max())
+            print(f"compute_basis L15.down_proj r128, small SVD driver {drv or 'default'}: {ms(f, dev):.2f} ms, "
+                  f"energy {energy(g, b, 'left') / exact:.4f}, orthonormal to {orth:.1e}")
+    finally:
+        refresh.CUDA_SMALL_SVD_DRIVER = saved
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"# machine: {machine_description(args.device)}")
+    finite_check()
+    gems_step()
+    dominant_direction()
+    if torch.device(args.device).type == "cuda":
+        cuda_small_svd()
+
+
+if __name__ == "__main__":
+    main()

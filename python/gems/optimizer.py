@@ -15,7 +15,7 @@ from gems import distributed, reference
 from gems import nullspace as nsp
 from gems.dispatch import backend_module, resolve_backend
 from gems.refresh import REFRESH_METHODS
-from gems.subspaces import SHARED, WeightSubspaces, clamp_report
+from gems.subspaces import SHARED, RefreshJob, WeightSubspaces, batch_bytes, clamp_report, refresh_bases
 from gems.targets import TargetSpec, select_linear_modules, unwrap
 from gems.tasks import TaskGradients, compute_gates, retain_flags, validate_gating, validate_tasks
 
@@ -386,8 +386,7 @@ class GemsOptimizer(torch.optim.Optimizer):
         if self.nullspace_mode == "gradient" and w.protected is not None:
             used = [nsp.project_gradient(g, w.protected, w.protect_side) for g in grads]
         shared = reference.shared_gradient(used, mix) if len(used) > 1 else used[0].float()
-        old = w.refresh(shared, dict(zip(self.tasks, used)), task_basis=self.task_basis,
-                        method=self.refresh_method, generator=self._generator(w), warm_start=self.warm_start)
+        old = self._refresh([RefreshJob(w, shared, dict(zip(self.tasks, used)), self._generator(w))])[0][1]
         del shared, used
         self._after_refresh(w, old)
         self._task_grads.refreshed.add(id(w.param))
@@ -545,7 +544,8 @@ class GemsOptimizer(torch.optim.Optimizer):
         self.last_gates = dict(zip(self.tasks, gates))
         skipped: list[str] = []
         work: list[tuple[WeightSubspaces, Tensor, list[Tensor]]] = []
-        refreshed: list[WeightSubspaces] = []
+        refreshed: list[tuple[WeightSubspaces, dict]] = []
+        pending: list[RefreshJob] = []  # weights due for a refresh, refreshed together (see REFRESH_BATCH_BYTES)
         stash = self._task_grads
         for w in self._subspaces:
             if id(w.param) in stash.nonfinite:
@@ -571,11 +571,12 @@ class GemsOptimizer(torch.optim.Optimizer):
                 grads = [nsp.project_gradient(g, w.protected, w.protect_side) for g in grads]
             if w.step >= w.next_refresh:  # the full shared gradient is only ever built for a refresh
                 shared = reference.shared_gradient(grads, shared_w) if len(grads) > 1 else grads[0].float()
-                old = w.refresh(shared, dict(zip(self.tasks, grads)), task_basis=self.task_basis,
-                                method=self.refresh_method, generator=self._generator(w), warm_start=self.warm_start)
+                pending.append(RefreshJob(w, shared, dict(zip(self.tasks, grads)), self._generator(w)))
                 del shared
-                refreshed.append((w, old))
+                if sum(j.nbytes() for j in pending) >= batch_bytes(w.param.device):
+                    refreshed += self._refresh(pending)
             work.append((w, shared_w, grads, False))
+        refreshed += self._refresh(pending)
         if refreshed and distributed.should_sync(self.sync):
             distributed.broadcast_bases([w for w, _ in refreshed])
         for w, old in refreshed:
@@ -596,6 +597,16 @@ class GemsOptimizer(torch.optim.Optimizer):
                           f"(weights and state untouched): {', '.join(skipped[:8])}", RuntimeWarning, stacklevel=2)
         self._task_grads.clear()
         return loss
+
+    def _refresh(self, jobs: list[RefreshJob]) -> list[tuple[WeightSubspaces, dict[str, Tensor | None]]]:
+        """New bases for the jobs' weights; (weight, old bases) pairs for :meth:`_after_refresh`. Empties
+        ``jobs``, so the shared gradients built for the refresh are freed before the step goes on."""
+        if not jobs:
+            return []
+        olds = refresh_bases(jobs, task_basis=self.task_basis, method=self.refresh_method, warm_start=self.warm_start)
+        done = [(j.w, old) for j, old in zip(jobs, olds)]
+        jobs.clear()
+        return done
 
     def _after_refresh(self, w: WeightSubspaces, old: dict[str, Tensor | None]) -> None:
         if self.adaptive_refresh is not None:

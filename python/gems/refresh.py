@@ -38,6 +38,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from gems import reference
 from gems.reference import SIDES, top_singular_basis
 
 REFRESH_METHODS = ("svd", "subspace_iter", "randomized")
@@ -87,6 +88,18 @@ ITER_MATMUL_DTYPE: torch.dtype | None = None
 # orthonormal to only 9e-5; "gesvda" takes 1.28 ms (refresh 3.2 ms), with the same captured energy and
 # orthonormal to 2.4e-7. ("gesvdj": 3.63 ms; "gesvd": 8.9 ms.)
 CUDA_SMALL_SVD_DRIVER: str | None = "gesvda"
+
+# Orthonormalisation of the iteration blocks on CUDA: "cholesky" (CholeskyQR2, below) or "householder"
+# (torch.linalg.qr). cuSOLVER's QR runs one matrix at a time even on a batch: on an H100 a 576×160 QR takes
+# 0.67 ms, 20 ms for a stack of 30, while the CholeskyQR steps (an fp64 Gram matrix, a batched Cholesky,
+# a batched triangular solve) take 0.06 + 0.18 + 0.16 ms for the whole stack; likewise the small SVD with
+# "gesvda" is truly batched (7.6 ms for 30 160×160 factors, 1.4 ms for one) while the other drivers and
+# eigh loop (113 ms and 36–84 ms for 30). `python benches/bench_micro.py --device cuda --cuda-only`.
+# On CPU Householder QR is as fast as CholeskyQR at these sizes and stays the only path.
+CUDA_ORTHONORMALIZE = "cholesky"
+# A CholeskyQR factor is accepted when its columns are orthonormal to this tolerance; a matrix that fails
+# (rank-deficient or too ill-conditioned for the fp64 Gram matrix) is redone with Householder QR.
+CHOLESKY_QR_TOL = 1e-4
 
 # Seed used when no generator is given, so refreshes stay deterministic without touching torch's global
 # random stream (which would change dropout etc. in the user's training run).
@@ -146,12 +159,11 @@ def _inverse_scales(stack: Tensor) -> Tensor:
     return torch.where(scale > 0, scale.reciprocal(), torch.ones_like(scale))
 
 
-def _complete(basis: Tensor, rank: int, generator: torch.Generator) -> Tensor:
-    """Append seeded random orthonormal columns orthogonal to ``basis`` (b×d×k) up to ``rank`` columns."""
+def _complete(basis: Tensor, rank: int, generators: Sequence[torch.Generator]) -> Tensor:
+    """Append seeded random orthonormal columns orthogonal to ``basis`` (b×d×k) up to ``rank`` columns
+    (matrix i draws from ``generators[i]``)."""
     b, d, k = basis.shape
-    extra = torch.stack(
-        [_randn(d, rank - k, generator, basis.device, basis.dtype) for _ in range(b)]
-    )
+    extra = torch.stack([_randn(d, rank - k, gen, basis.device, basis.dtype) for gen in generators])
     # Project out, orthonormalise, and repeat once: the first QR may amplify the residual overlap with
     # ``basis`` by the condition number of the (square, random) block; the second pass starts from
     # orthonormal columns, so it does not.
@@ -162,41 +174,101 @@ def _complete(basis: Tensor, rank: int, generator: torch.Generator) -> Tensor:
     return torch.cat([basis, q], dim=-1)
 
 
-def _sketch(a: Tensor, width: int, generator: torch.Generator) -> Tensor:
+def _sketch(a: Tensor, width: int, generators: Sequence[torch.Generator]) -> Tensor:
     """b×m×width sketch A·Ω with a signed-hashing test matrix Ω (n×width, one ±1 per row).
 
-    Column j of A is added to (or subtracted from) one sketch column, picked by a seeded random permutation:
-    one pass over A and no GEMM (a Gaussian Ω costs as much as a power-iteration half-step). The
-    permutation spreads the n columns evenly over 2·width signed buckets, so every sketch column gets at
-    least one column of A (width ≤ n) and the sketch has full rank whenever A has."""
+    Column j of A is added to (or subtracted from) one sketch column, picked by a seeded random permutation
+    (matrix i: from ``generators[i]``): one pass over A and no GEMM (a Gaussian Ω costs as much as a
+    power-iteration half-step). The permutation spreads the n columns evenly over 2·width signed buckets,
+    so every sketch column gets at least one column of A (width ≤ n) and the sketch has full rank whenever
+    A has."""
     b, m, n = a.shape
     rows = a.stride(-1) == 1  # A row-major: add along dim 1; a transposed view (side="right"): along dim 0 of Aᵀ
     buckets = a.new_zeros((b, m, 2 * width) if rows else (b, 2 * width, m))
+    # all permutations drawn on their generators' devices, then one copy to A's device
+    perms = [torch.randperm(n, generator=gen, device=gen.device) for gen in generators]
+    if len({p.device for p in perms}) > 1:
+        perms = [p.to(a.device) for p in perms]
+    perms = torch.stack(perms).to(a.device) % (2 * width)
     for i in range(b):
-        perm = torch.randperm(n, generator=generator, device=generator.device).to(a.device)
         if rows:
-            buckets[i].index_add_(1, perm % (2 * width), a[i])
+            buckets[i].index_add_(1, perms[i], a[i])
         else:
-            buckets[i].index_add_(0, perm % (2 * width), a[i].transpose(0, 1))
+            buckets[i].index_add_(0, perms[i], a[i].transpose(0, 1))
     if rows:
         return buckets[..., :width] - buckets[..., width:]
     return (buckets[:, :width] - buckets[:, width:]).transpose(-2, -1)
 
 
+def _orthonormality_error(q: Tensor) -> Tensor:
+    """max |QᵀQ − I| per matrix of a b×d×k stack."""
+    eye = torch.eye(q.shape[-1], device=q.device, dtype=q.dtype)
+    return (q.transpose(-2, -1) @ q - eye).abs().amax(dim=(-2, -1))
+
+
+def _cholesky_qr(y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """CholeskyQR2 of a b×d×k stack: Q, R with Y = Q·R, and a per-matrix bool "usable".
+
+    Pass 1 in fp64 (Gram matrix, Cholesky, triangular solve: the Gram matrix squares Y's condition number,
+    which fp64 absorbs up to ~1e8), pass 2 on the nearly orthonormal Q₁ in the working dtype restores
+    orthogonality to rounding. Every step is one batched call for the whole stack."""
+    work = y.dtype
+    y64 = y.double()
+    l1, info1 = torch.linalg.cholesky_ex(y64.transpose(-2, -1) @ y64)
+    q = torch.linalg.solve_triangular(l1.transpose(-2, -1), y64, upper=True, left=False).to(work)
+    l2, info2 = torch.linalg.cholesky_ex(q.transpose(-2, -1) @ q)
+    q = torch.linalg.solve_triangular(l2.transpose(-2, -1), q, upper=True, left=False)
+    r = (l2.transpose(-2, -1).double() @ l1.transpose(-2, -1)).to(work)
+    ok = (info1 == 0) & (info2 == 0) & (_orthonormality_error(q) < CHOLESKY_QR_TOL)
+    ok &= torch.isfinite(r).flatten(1).all(dim=1)
+    return q, r, ok
+
+
+def _use_cholesky(y: Tensor) -> bool:
+    return y.is_cuda and CUDA_ORTHONORMALIZE == "cholesky"
+
+
+def _orthonormalize(y: Tensor) -> tuple[Tensor, Tensor]:
+    """Q, R of a b×d×k stack (d ≥ k). CUDA: batched CholeskyQR2 (see CUDA_ORTHONORMALIZE), with Householder
+    QR for the matrices it cannot handle; CPU: Householder QR (orthonormal Q for any input, zero included)."""
+    if not _use_cholesky(y):
+        return torch.linalg.qr(y)
+    q, r, ok = _cholesky_qr(y)
+    bad = (~ok).nonzero().flatten().tolist()
+    if bad:
+        q_bad, r_bad = torch.linalg.qr(y[bad])
+        q[bad], r[bad] = q_bad, r_bad
+    return q, r
+
+
 def _small_svd(r: Tensor) -> tuple[Tensor, Tensor]:
-    """U and singular values of the small k×k factor(s). On CUDA the faster CUDA_SMALL_SVD_DRIVER is tried
-    first; it can fail to converge (measured: rank 512 of a 576×576 gradient) or, being approximate, return
-    vectors that are not orthonormal, and then torch's default driver answers instead."""
+    """U and singular values of the small k×k factor(s). On CUDA the faster, batched CUDA_SMALL_SVD_DRIVER is
+    tried first; it can fail to converge (measured: rank 512 of a 576×576 gradient) or, being approximate,
+    return vectors that are not orthonormal, and then torch's default driver answers instead (for the
+    failing matrices only when the batch as a whole converged)."""
     if r.is_cuda and CUDA_SMALL_SVD_DRIVER:
         try:
             u, s, _ = torch.linalg.svd(r, driver=CUDA_SMALL_SVD_DRIVER)
-            eye = torch.eye(u.shape[-1], device=u.device, dtype=u.dtype)
-            if bool(((u.transpose(-2, -1) @ u - eye).abs().amax() < 1e-4).all()):
-                return u, s
         except torch.linalg.LinAlgError:
             pass
+        else:
+            bad = (~(_orthonormality_error(u) < 1e-4)).nonzero().flatten().tolist()  # NaN counts as bad
+            if bad:
+                u_bad, s_bad, _ = torch.linalg.svd(r[bad])
+                u[bad], s[bad] = u_bad, s_bad
+            return _polish(u), s
     u, s, _ = torch.linalg.svd(r)
     return u, s
+
+
+def _polish(u: Tensor) -> Tensor:
+    """One CholeskyQR pass on nearly orthonormal columns (gesvda's vectors are accepted up to an error of 1e-4,
+    an approximate solver's): orthonormal to rounding afterwards and, the correction being triangular, the
+    span of every leading set of columns is kept."""
+    chol, info = torch.linalg.cholesky_ex(u.transpose(-2, -1) @ u)
+    polished = torch.linalg.solve_triangular(chol.transpose(-2, -1), u, upper=True, left=False)
+    ok = (info == 0).view(-1, 1, 1) & torch.isfinite(polished).all(dim=-1, keepdim=True).all(dim=-2, keepdim=True)
+    return torch.where(ok, polished, u)
 
 
 def _iterative(
@@ -204,7 +276,7 @@ def _iterative(
     rank: int,
     method: str,
     previous: Sequence[Tensor | None],
-    generator: torch.Generator,
+    generators: Sequence[torch.Generator],
     oversample: int | None,
     iters: int | None,
     matmul_dtype: torch.dtype | None,
@@ -223,7 +295,7 @@ def _iterative(
 
     # Start block: the sketch A·Ω (one pass over A; see _sketch); huge entries are scaled first so that the
     # signed sums cannot overflow. subspace_iter puts the usable columns of ``previous`` in front of it.
-    y = _sketch(a * inv if bool((inv < 1e-20).any()) else a, width, generator)
+    y = _sketch(a * inv if bool((inv < 1e-20).any()) else a, width, generators)
     if method == "subspace_iter":
         blocks = []
         for j, prev in enumerate(previous):
@@ -249,7 +321,7 @@ def _iterative(
     # precision (576×1536 rank 128, σ₁ spiked 100× over an α = 0.5 spectrum: 78% of the exact energy in
     # directions 2..r captured without this QR, 99% with it, `python benches/bench_micro.py`; it costs
     # ≈ 1.1 ms).
-    q = torch.linalg.qr(y).Q
+    q = _orthonormalize(y)[0]
     if steps == 0:
         # No power iteration: Rayleigh–Ritz on the start block (one GEMM), the best rank-r basis inside it.
         z = mm(low_t, q) * inv
@@ -262,7 +334,7 @@ def _iterative(
         # Y = Q·R; the left singular vectors of Y are Q·U_R with U_R from the SVD of the small k×k factor R:
         # ordered approximate singular vectors of A without another pass over A (Y weighs each direction
         # by σ² once more than a Rayleigh–Ritz step on span(Q) would, for one GEMM less).
-        q, r = torch.linalg.qr(y)
+        q, r = _orthonormalize(y)
         u, s = _small_svd(r)
         if done >= steps:
             break
@@ -284,17 +356,19 @@ def compute_bases(
     *,
     method: str = "svd",
     previous: Sequence[Tensor | None] | None = None,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
     oversample: int | None = None,
     iters: int | None = None,
     matmul_dtype: torch.dtype | None = None,
 ) -> list[Tensor]:
     """:func:`compute_basis` for many matrices; those of the same shape go through one batched pass.
 
-    ``previous`` is ``None`` or a list aligned with ``matrices`` (entries may be ``None``). Random draws
-    are taken per matrix in list order, the same draws a loop of :func:`compute_basis` calls sharing
-    ``generator`` would take when every matrix has the same shape, so batched and looped results agree
-    to rounding."""
+    ``previous`` is ``None`` or a list aligned with ``matrices`` (entries may be ``None``). ``generator``
+    is one generator shared by all matrices or a list aligned with ``matrices``. Random draws are taken
+    per matrix in list order, the same draws a loop of :func:`compute_basis` calls would take (sharing one
+    generator: when every matrix has the same shape), so batched and looped results agree to rounding.
+    (The iterative engines decide a second power iteration for a same-shape group as a whole: a batched
+    call runs it for every matrix of the group when one of them has a flat spectrum.)"""
     matrices = list(matrices)
     if previous is None:
         previous = [None] * len(matrices)
@@ -307,6 +381,12 @@ def compute_bases(
         return []
     if generator is None:
         generator = _default_generator(matrices[0].device)
+    if isinstance(generator, torch.Generator):
+        generators = [generator] * len(matrices)
+    else:
+        generators = list(generator)
+        if len(generators) != len(matrices):
+            raise ValueError(f"generator has {len(generators)} entries for {len(matrices)} matrices")
     groups: dict[tuple, list[int]] = {}
     for i, mat in enumerate(matrices):
         groups.setdefault((tuple(mat.shape), mat.device), []).append(i)
@@ -336,11 +416,48 @@ def compute_bases(
             mdtype = ITER_MATMUL_DTYPE if matmul_dtype is None else matmul_dtype
             if work_dtype == torch.float64:
                 mdtype = None
-            bases = _iterative(a, core_rank, method, [previous[i] for i in idx], generator, oversample, iters, mdtype)
+            bases = _iterative(a, core_rank, method, [previous[i] for i in idx], [generators[i] for i in idx],
+                               oversample, iters, mdtype)
         if rank > core_rank:
-            bases = _complete(bases, rank, generator)
+            bases = _complete(bases, rank, [generators[i] for i in idx])
         for j, i in enumerate(idx):
             out[i] = bases[j].float().contiguous()
+    return out  # type: ignore[return-value]
+
+
+def orthonormalize_against_many(
+    vectors: Sequence[Tensor], bases: Sequence[Tensor], generators: Sequence[torch.Generator]
+) -> list[Tensor]:
+    """:func:`gems.reference.orthonormalize_against` for many (vectors, basis) pairs; same-shape pairs go
+    through one batched projection and orthonormalisation (CholeskyQR2 on CUDA, see :func:`_orthonormalize`).
+    A pair with a vanishing column takes the reference function, which replaces it with a seeded random
+    direction drawn from that pair's generator."""
+    out: list[Tensor | None] = [None] * len(vectors)
+    groups: dict[tuple, list[int]] = {}
+    for i, (v, b) in enumerate(zip(vectors, bases)):
+        groups.setdefault((tuple(v.shape), tuple(b.shape), v.device, v.dtype), []).append(i)
+    for (vshape, _, _, _), idx in groups.items():
+        if vshape[1] == 0:
+            for i in idx:
+                out[i] = vectors[i]
+            continue
+        v = torch.stack([vectors[i] for i in idx])
+        b = torch.stack([bases[i] for i in idx])
+        x = v
+        for _ in range(2):
+            if b.shape[-1]:
+                x = x - b @ (b.transpose(-2, -1) @ x)
+        q, r = _orthonormalize(x)
+        # same criterion as the reference: a column whose part outside everything before it is tiny
+        scale = v.norm(dim=-2).clamp_min(torch.finfo(v.dtype).tiny)
+        bad = (r.diagonal(dim1=-2, dim2=-1).abs() <= 1e-4 * scale).any(dim=-1)
+        bad |= ~torch.isfinite(q).flatten(1).all(dim=1)
+        bad_list = bad.tolist()
+        for j, i in enumerate(idx):
+            if bad_list[j]:
+                out[i] = reference.orthonormalize_against(vectors[i], bases[i], generators[i])
+            else:
+                out[i] = q[j].contiguous()
     return out  # type: ignore[return-value]
 
 

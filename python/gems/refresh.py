@@ -232,33 +232,49 @@ def _orthonormalize(y: Tensor) -> tuple[Tensor, Tensor]:
     """Q, R of a b×d×k stack (d ≥ k). CUDA: batched CholeskyQR2 (see CUDA_ORTHONORMALIZE), with Householder
     QR for the matrices it cannot handle; CPU: Householder QR (orthonormal Q for any input, zero included)."""
     if not _use_cholesky(y):
-        return torch.linalg.qr(y)
+        return _positive_diagonal(*torch.linalg.qr(y))
     q, r, ok = _cholesky_qr(y)
     bad = (~ok).nonzero().flatten().tolist()
     if bad:
-        q_bad, r_bad = torch.linalg.qr(y[bad])
+        q_bad, r_bad = _positive_diagonal(*torch.linalg.qr(y[bad]))
         q[bad], r[bad] = q_bad, r_bad
     return q, r
 
 
+def _positive_diagonal(q: Tensor, r: Tensor) -> tuple[Tensor, Tensor]:
+    """The QR factorisation with diag(R) ≥ 0, the one CholeskyQR computes: Householder QR picks each column's
+    sign from the sign of an entry, so without this a basis could flip sign between nearly equal inputs
+    (and between the CholeskyQR path and its fallback), and moments kept across a refresh with it."""
+    sign = torch.where(r.diagonal(dim1=-2, dim2=-1) < 0, -1.0, 1.0).to(q.dtype)
+    return q * sign.unsqueeze(-2), r * sign.unsqueeze(-1)
+
+
 def _small_svd(r: Tensor) -> tuple[Tensor, Tensor]:
     """U and singular values of the small k×k factor(s). On CUDA the faster, batched CUDA_SMALL_SVD_DRIVER is
-    tried first; it can fail to converge (measured: rank 512 of a 576×576 gradient) or, being approximate,
-    return vectors that are not orthonormal, and then torch's default driver answers instead (for the
-    failing matrices only when the batch as a whole converged)."""
-    if r.is_cuda and CUDA_SMALL_SVD_DRIVER:
-        try:
-            u, s, _ = torch.linalg.svd(r, driver=CUDA_SMALL_SVD_DRIVER)
-        except torch.linalg.LinAlgError:
-            pass
-        else:
-            bad = (~(_orthonormality_error(u) < 1e-4)).nonzero().flatten().tolist()  # NaN counts as bad
-            if bad:
-                u_bad, s_bad, _ = torch.linalg.svd(r[bad])
-                u[bad], s[bad] = u_bad, s_bad
-            return _polish(u), s
-    u, s, _ = torch.linalg.svd(r)
-    return u, s
+    tried first. It can fail to converge (measured: rank 512 of a 576×576 gradient; a zero factor in a batch
+    fails the whole batch), and then each matrix is retried alone; a matrix that still fails, or whose
+    vectors are not orthonormal (the driver is approximate), gets torch's default driver. Every CUDA result
+    is polished (:func:`_polish`): the default driver's vectors were orthonormal to only 9e-5 on an H100."""
+    if not r.is_cuda:
+        u, s, _ = torch.linalg.svd(r)
+        return u, s
+    if not CUDA_SMALL_SVD_DRIVER:
+        u, s, _ = torch.linalg.svd(r)
+        return _polish(u), s
+    try:
+        u, s, _ = torch.linalg.svd(r, driver=CUDA_SMALL_SVD_DRIVER)
+    except torch.linalg.LinAlgError:
+        u, s = torch.empty_like(r), r.new_empty(r.shape[:-1])
+        for i in range(r.shape[0]):
+            try:
+                u[i], s[i], _ = torch.linalg.svd(r[i], driver=CUDA_SMALL_SVD_DRIVER)
+            except torch.linalg.LinAlgError:
+                u[i] = float("nan")  # redone below
+    bad = (~(_orthonormality_error(u) < 1e-4)).nonzero().flatten().tolist()  # NaN counts as bad
+    if bad:
+        u_bad, s_bad, _ = torch.linalg.svd(r[bad])
+        u[bad], s[bad] = u_bad, s_bad
+    return _polish(u), s
 
 
 def _polish(u: Tensor) -> Tensor:

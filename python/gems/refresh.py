@@ -447,7 +447,13 @@ def orthonormalize_against_many(
     """:func:`gems.reference.orthonormalize_against` for many (vectors, basis) pairs; same-shape pairs go
     through one batched projection and orthonormalisation (CholeskyQR2 on CUDA, see :func:`_orthonormalize`).
     A pair with a vanishing column takes the reference function, which replaces it with a seeded random
-    direction drawn from that pair's generator."""
+    direction drawn from that pair's generator.
+
+    Each output column's sign is canonical (its largest entry is positive, :func:`canonical_signs`): the
+    input vectors come from an SVD whose signs can flip between nearly equal gradients (measured on an H100:
+    two GemsOptimizer runs whose weights differed by 5e-8 got opposite task-basis columns at a refresh, and
+    the kept Adam moments then pushed them 4e-4 apart), and a QR that keeps them (CholeskyQR, positive
+    diagonal) would pass the flip on."""
     out: list[Tensor | None] = [None] * len(vectors)
     groups: dict[tuple, list[int]] = {}
     for i, (v, b) in enumerate(zip(vectors, bases)):
@@ -471,10 +477,18 @@ def orthonormalize_against_many(
         bad_list = bad.tolist()
         for j, i in enumerate(idx):
             if bad_list[j]:
-                out[i] = reference.orthonormalize_against(vectors[i], bases[i], generators[i])
+                out[i] = canonical_signs(reference.orthonormalize_against(vectors[i], bases[i], generators[i]))
             else:
-                out[i] = q[j].contiguous()
+                out[i] = canonical_signs(q[j]).contiguous()
     return out  # type: ignore[return-value]
+
+
+def canonical_signs(q: Tensor) -> Tensor:
+    """``q`` with every column's sign flipped so that its entry of largest magnitude is positive."""
+    if q.numel() == 0:
+        return q
+    top = q.gather(-2, q.abs().argmax(dim=-2, keepdim=True))
+    return q * torch.where(top < 0, -1.0, 1.0).to(q.dtype)
 
 
 def compute_basis(

@@ -11,7 +11,9 @@
   100× over an α = 0.5 spectrum (576×1536, rank 128), with the start block orthonormalised (the engine)
   and with unit-scaled columns instead (the variant that was reverted);
 - CUDA only: the small k×k SVD (k = 160) with each cuSOLVER driver, the 576×160 QR, and a whole
-  compute_basis with CUDA_SMALL_SVD_DRIVER = None vs "gesvda" (time, energy, orthonormality).
+  compute_basis with CUDA_SMALL_SVD_DRIVER = None vs "gesvda" (time, energy, orthonormality); the same small
+  steps on a stack of 30 (which calls are really batched) and compute_bases on 30 weights vs one; the CUDA
+  vs torch backend drift with and without canonical task-basis signs.
 """
 from __future__ import annotations
 
@@ -171,6 +173,44 @@ def cuda_batched(batch: int = 30, dev: str = "cuda") -> None:
           f"svd {svd1:.2f} ms; batched svd x{batch} {svdb:.2f} ms ({svdb / batch:.2f} per matrix)")
 
 
+def cuda_sign_stability() -> None:
+    """CUDA backend vs torch backend on a 3-layer model, 10 steps, refresh every 4: max weight difference after
+    each step with canonical task-basis signs (the engine) and with the solver's signs (docs/design_notes.md
+    §10). Needs the CUDA backend (gems._C or a just-in-time build)."""
+    from gems import refresh as rf
+
+    def run(backend):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(24, 40), nn.Tanh(), nn.Linear(40, 19), nn.Tanh(), nn.Linear(19, 6)).cuda()
+        inner = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            opt = gems.GemsOptimizer(inner, model=model, tasks=["search", "rec"], rank=8, task_rank=4,
+                                     update_proj_gap=4, backend=backend)
+        g = torch.Generator().manual_seed(20)
+        wa, wb = torch.randn(24, 6, generator=g), torch.randn(24, 6, generator=g)
+        out = []
+        for _ in range(10):
+            xa, xb = torch.randn(16, 24, generator=g), torch.randn(12, 24, generator=g)
+            batch = {"search": (xa, torch.tanh(xa @ wa)), "rec": (xb, torch.tanh(xb @ wb))}
+            losses = {t: nn.functional.mse_loss(model(x.cuda()), y.cuda()) for t, (x, y) in batch.items()}
+            opt.backward(losses, num_samples={"search": 16, "rec": 12})
+            opt.step()
+            opt.zero_grad()
+            out.append([p.detach().clone() for p in model.parameters()])
+        return out
+
+    real = rf.canonical_signs
+    try:
+        for label, fn in (("canonical task-basis signs", real), ("solver signs", lambda q: q)):
+            rf.canonical_signs = fn
+            a, b = run("torch"), run("cuda")
+            diffs = [max(float((x - y).abs().max()) for x, y in zip(sa, sb)) for sa, sb in zip(a, b)]
+            print(f"cuda vs torch backend, {label}: max |ΔW| per step " + " ".join(f"{d:.1e}" for d in diffs))
+    finally:
+        rf.canonical_signs = real
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu")
@@ -187,6 +227,7 @@ def main() -> None:
     if torch.device(args.device).type == "cuda":
         cuda_small_svd()
         cuda_batched()
+        cuda_sign_stability()
 
 
 if __name__ == "__main__":

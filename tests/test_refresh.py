@@ -415,3 +415,34 @@ def test_cuda_batched_refresh_matches_single():
         assert captured(g, b, "left") >= (1 - 1e-4) * captured(g, alone.cpu(), "left") - 1e-12
         if i not in (2, 4):
             assert captured(g, b, "left") >= 0.99 * exact_energy(g, 128)
+
+
+def test_orthonormalize_against_many_matches_reference_up_to_signs(monkeypatch):
+    """The batched orthonormalisation of task bases against shared bases (both QR paths) spans what the
+    reference spans, stays orthogonal to the shared basis, has canonical column signs, and takes the
+    reference's seeded completion for a vector that lies inside the shared basis."""
+    from gems import refresh
+    from gems.reference import orthonormalize_against
+
+    shared = [torch.linalg.qr(torch.randn(30, 6, generator=_gen(i))).Q for i in range(3)]
+    vecs = [torch.linalg.qr(torch.randn(30, 4, generator=_gen(10 + i))).Q for i in range(3)]
+    vecs[2][:, 1] = shared[2][:, 0]  # inside span(shared): must be replaced by a seeded random direction
+    for chol in (False, True):
+        monkeypatch.setattr(refresh, "_use_cholesky", lambda y, chol=chol: chol)
+        got = refresh.orthonormalize_against_many(vecs, shared, [_gen(20 + i) for i in range(3)])
+        for i in range(3):
+            want = orthonormalize_against(vecs[i], shared[i], _gen(20 + i))
+            assert orth_error(got[i]) <= 1e-5
+            assert float((shared[i].T @ got[i]).abs().max()) <= 1e-5
+            assert float((projector(got[i]) - projector(want)).abs().max()) <= 1e-5
+            top = got[i].gather(0, got[i].abs().argmax(dim=0, keepdim=True))
+            assert bool((top > 0).all())
+
+
+def test_canonical_signs_are_invariant_to_column_flips():
+    from gems.refresh import canonical_signs
+
+    q = torch.linalg.qr(torch.randn(20, 5, generator=_gen(30))).Q
+    flipped = q * torch.tensor([1.0, -1.0, -1.0, 1.0, -1.0])
+    assert torch.equal(canonical_signs(q), canonical_signs(flipped))
+    assert canonical_signs(torch.zeros(20, 0)).shape == (20, 0)

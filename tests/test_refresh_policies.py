@@ -152,3 +152,45 @@ def test_batched_refresh_across_weights_matches_one_by_one(monkeypatch, method, 
                 assert torch.equal(a, b)
             else:
                 torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("cap", [0, 1 << 30])
+def test_failed_refresh_leaves_every_weight_untouched(monkeypatch, cap):
+    """A refresh that raises part-way (here: the fourth compute_bases call) changes no basis, no weight and no
+    inner state, whether the weights were refreshed one by one or together; the step can then be retried."""
+    from gems import subspaces
+
+    monkeypatch.setitem(subspaces.REFRESH_BATCH_BYTES, "cpu", cap)
+    torch.manual_seed(72)
+    model = _SameShapes()
+    opt = make_opt(model, refresh="subspace_iter", update_proj_gap=2)
+    train(model, opt, task_batches(2, seed=73))  # bases exist; the next step refreshes
+    bases = {(w.name, s): b.clone() for w in opt.subspaces for s, b in w.bases.items() if b is not None}
+    params = [p.detach().clone() for p in model.parameters()]
+    states = {id(c): {k: v.clone() for k, v in opt.inner.state[c].items()}
+              for w in opt.subspaces for c in w.coords.values()}
+    real, calls = subspaces.compute_bases, []
+
+    def failing(*args, **kw):
+        calls.append(1)
+        if len(calls) == 4:
+            raise torch.linalg.LinAlgError("injected")
+        return real(*args, **kw)
+
+    monkeypatch.setattr(subspaces, "compute_bases", failing)
+    batch = task_batches(1, seed=74)[0]
+    losses = {t: torch.nn.functional.mse_loss(model(x), y) for t, (x, y) in batch.items()}
+    opt.backward(losses)
+    with pytest.raises(torch.linalg.LinAlgError, match="injected"):
+        opt.step()
+    for w in opt.subspaces:
+        for s, b in w.bases.items():
+            if b is not None:
+                assert torch.equal(b, bases[(w.name, s)]), (w.name, s)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), params))
+    for w in opt.subspaces:
+        for c in w.coords.values():
+            assert all(torch.equal(v, states[id(c)][k]) for k, v in opt.inner.state[c].items())
+    monkeypatch.setattr(subspaces, "compute_bases", real)
+    opt.step()  # the retry refreshes and steps
+    assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), params))

@@ -386,8 +386,10 @@ class GemsOptimizer(torch.optim.Optimizer):
         if self.nullspace_mode == "gradient" and w.protected is not None:
             used = [nsp.project_gradient(g, w.protected, w.protect_side) for g in grads]
         shared = reference.shared_gradient(used, mix) if len(used) > 1 else used[0].float()
-        old = self._refresh([RefreshJob(w, shared, dict(zip(self.tasks, used)), self._generator(w))])[0][1]
+        ((_, new),) = self._refresh([RefreshJob(w, shared, dict(zip(self.tasks, used)), self._generator(w))])
         del shared, used
+        old = dict(w.bases)
+        w.bases.update(new)
         self._after_refresh(w, old)
         self._task_grads.refreshed.add(id(w.param))
         for t, g in zip(self.tasks, grads):
@@ -544,7 +546,7 @@ class GemsOptimizer(torch.optim.Optimizer):
         self.last_gates = dict(zip(self.tasks, gates))
         skipped: list[str] = []
         work: list[tuple[WeightSubspaces, Tensor, list[Tensor]]] = []
-        refreshed: list[tuple[WeightSubspaces, dict]] = []
+        refreshed: list[tuple[WeightSubspaces, dict[str, Tensor]]] = []
         pending: list[RefreshJob] = []  # weights due for a refresh, refreshed together (see REFRESH_BATCH_BYTES)
         stash = self._task_grads
         for w in self._subspaces:
@@ -577,9 +579,13 @@ class GemsOptimizer(torch.optim.Optimizer):
                     refreshed += self._refresh(pending)
             work.append((w, shared_w, grads, False))
         refreshed += self._refresh(pending)
-        if refreshed and distributed.should_sync(self.sync):
-            distributed.broadcast_bases([w for w, _ in refreshed])
-        for w, old in refreshed:
+        swapped: list[tuple[WeightSubspaces, dict[str, Tensor | None]]] = []
+        for w, new in refreshed:  # every refresh succeeded: only now do the weights take their new bases
+            swapped.append((w, dict(w.bases)))
+            w.bases.update(new)
+        if swapped and distributed.should_sync(self.sync):
+            distributed.broadcast_bases([w for w, _ in swapped])
+        for w, old in swapped:
             self._after_refresh(w, old)
         for p in self._plain_params:
             if p.grad is not None and not _finite(p.grad):
@@ -598,13 +604,13 @@ class GemsOptimizer(torch.optim.Optimizer):
         self._task_grads.clear()
         return loss
 
-    def _refresh(self, jobs: list[RefreshJob]) -> list[tuple[WeightSubspaces, dict[str, Tensor | None]]]:
-        """New bases for the jobs' weights; (weight, old bases) pairs for :meth:`_after_refresh`. Empties
-        ``jobs``, so the shared gradients built for the refresh are freed before the step goes on."""
+    def _refresh(self, jobs: list[RefreshJob]) -> list[tuple[WeightSubspaces, dict[str, Tensor]]]:
+        """(weight, new bases) for the jobs, not yet assigned. Empties ``jobs``, so the shared gradients built
+        for the refresh are freed before the step goes on."""
         if not jobs:
             return []
-        olds = refresh_bases(jobs, task_basis=self.task_basis, method=self.refresh_method, warm_start=self.warm_start)
-        done = [(j.w, old) for j, old in zip(jobs, olds)]
+        news = refresh_bases(jobs, task_basis=self.task_basis, method=self.refresh_method, warm_start=self.warm_start)
+        done = [(j.w, new) for j, new in zip(jobs, news)]
         jobs.clear()
         return done
 

@@ -450,10 +450,10 @@ def orthonormalize_against_many(
     direction drawn from that pair's generator.
 
     Each output column's sign is canonical (its largest entry is positive, :func:`canonical_signs`): the
-    input vectors come from an SVD whose signs can flip between nearly equal gradients (measured on an H100:
-    two GemsOptimizer runs whose weights differed by 5e-8 got opposite task-basis columns at a refresh, and
-    the kept Adam moments then pushed them 4e-4 apart), and a QR that keeps them (CholeskyQR, positive
-    diagonal) would pass the flip on."""
+    input vectors come from an SVD whose signs are not stable between nearly equal gradients, and a QR that
+    keeps them (CholeskyQR, positive diagonal) passes a flip on to the kept moments. Measured on an H100: two
+    GemsOptimizer runs whose weights differed by 5e-8 before a refresh ended 2e-3 apart with the solver's
+    signs, 9e-8 with canonical ones (docs/design_notes.md §10)."""
     out: list[Tensor | None] = [None] * len(vectors)
     groups: dict[tuple, list[int]] = {}
     for i, (v, b) in enumerate(zip(vectors, bases)):

@@ -15,8 +15,9 @@ SHARED = "shared"
 # Bytes of pending shared gradients after which the optimizer refreshes the weights collected so far in one
 # batched call (same-shape weights share every GEMM, CholeskyQR and small-SVD call). On CUDA a refresh of a
 # small weight is latency-bound: 576×1536 rank 128 took 3.3 ms alone on an H100 (svd: 25 ms). The cap
-# bounds the extra memory (the pending shared gradients plus their stacked copy); 64 MiB holds 18 such
-# weights. On CPU a call has no such fixed cost, so weights are refreshed one by one (no extra memory).
+# bounds the extra memory to a few times itself (the pending shared gradients, one task's residuals and a
+# stacked copy); 64 MiB holds 18 such weights. On CPU a call has no such fixed cost, so weights are
+# refreshed one by one (no extra memory).
 REFRESH_BATCH_BYTES = {"cuda": 64 << 20}
 # inner-optimizer state entries that hold squared gradients (torch Adam/AdamW, RMSprop, Adagrad)
 SECOND_ORDER_STATE = frozenset({"exp_avg_sq", "max_exp_avg_sq", "square_avg", "sum"})
@@ -150,46 +151,45 @@ def batch_bytes(device: torch.device) -> int:
 
 
 def refresh_bases(jobs: list[RefreshJob], *, task_basis: str, method: str,
-                  warm_start: bool = False) -> list[dict[str, Tensor | None]]:
+                  warm_start: bool = False) -> list[dict[str, Tensor]]:
     """New bases for every job's weight from its gradients: B_sh from the shared gradient, B_t from G_t
-    (residual mode: from the part of G_t outside span(B_sh), orthonormalised against B_sh). Returns each
-    weight's old bases.
+    (residual mode: from the part of G_t outside span(B_sh), orthonormalised against B_sh). Returns them
+    per job; nothing is assigned, so a failure leaves every weight's bases as they were.
 
     The iterative engines refresh all jobs together (same-shape weights batched, each with its own
     generator, so every weight gets the bases it would get alone up to rounding); "svd" stays one weight at
     a time (GaLore's exact call, bit for bit)."""
-    olds = [dict(j.w.bases) for j in jobs]
-    prevs = [old if warm_start else {} for old in olds]  # the iterative engines start from the replaced bases
+    news: list[dict[str, Tensor]] = [{} for _ in jobs]
 
-    def bases_for(items: list[tuple[int, str, Tensor]]) -> list[Tensor]:
-        out: list[Tensor | None] = [None] * len(items)
+    def bases_for(items: list[tuple[int, str, Tensor]]) -> None:
         groups: dict[tuple, list[int]] = {}
         for k, (i, s, _) in enumerate(items):
             key = (jobs[i].w.ranks[s], jobs[i].w.side) + ((k,) if method == "svd" else ())
             groups.setdefault(key, []).append(k)
         for (rank, side, *_), ks in groups.items():
             got = compute_bases([items[k][2] for k in ks], rank, side, method=method,
-                                previous=[prevs[items[k][0]].get(items[k][1]) for k in ks],
+                                # warm start: the iterative engines start from the bases being replaced
+                                previous=[jobs[items[k][0]].w.bases.get(items[k][1]) if warm_start else None
+                                          for k in ks],
                                 generator=[jobs[items[k][0]].generator for k in ks])
             for k, b in zip(ks, got):
-                out[k] = b
-        return out  # type: ignore[return-value]
+                i, s, _ = items[k]
+                news[i][s] = b
 
-    shared = bases_for([(i, SHARED, j.shared) for i, j in enumerate(jobs)])
-    for j, b in zip(jobs, shared):
-        j.w.bases[SHARED] = b
+    bases_for([(i, SHARED, j.shared) for i, j in enumerate(jobs)])
     for t in (jobs[0].tasks if jobs else {}):
         todo = [i for i, j in enumerate(jobs) if j.w.ranks[t] > 0]
         grads = [jobs[i].tasks[t].float() for i in todo]
         if task_basis == "residual":
-            grads = [reference.remove_component(g, shared[i], jobs[i].w.side) for i, g in zip(todo, grads)]
-        got = bases_for([(i, t, g) for i, g in zip(todo, grads)])
+            grads = [reference.remove_component(g, news[i][SHARED], jobs[i].w.side) for i, g in zip(todo, grads)]
+        bases_for([(i, t, g) for i, g in zip(todo, grads)])
         del grads
         if task_basis == "residual":
-            got = orthonormalize_against_many(got, [shared[i] for i in todo], [jobs[i].generator for i in todo])
-        for i, b in zip(todo, got):
-            jobs[i].w.bases[t] = b
-    return olds
+            got = orthonormalize_against_many([news[i][t] for i in todo], [news[i][SHARED] for i in todo],
+                                              [jobs[i].generator for i in todo])
+            for i, b in zip(todo, got):
+                news[i][t] = b
+    return news
 
 
 def clamp_report(subspaces: list[WeightSubspaces], rank: int, task_rank: int) -> None:

@@ -194,3 +194,32 @@ def test_failed_refresh_leaves_every_weight_untouched(monkeypatch, cap):
     monkeypatch.setattr(subspaces, "compute_bases", real)
     opt.step()  # the retry refreshes and steps
     assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), params))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("task_basis", ["residual", "independent"])
+def test_cuda_batched_refresh_trains_like_one_by_one(monkeypatch, task_basis):
+    """On CUDA the optimizer refreshes every weight due at a step together (REFRESH_BATCH_BYTES): the same
+    training as refreshing them one by one, through the batched CholeskyQR and gesvda paths."""
+    from gems import subspaces
+
+    params = {}
+    for cap in (0, 64 << 20):
+        monkeypatch.setitem(subspaces.REFRESH_BATCH_BYTES, "cuda", cap)
+        torch.manual_seed(75)
+        model = _SameShapes().cuda()
+        opt = make_opt(model, refresh="subspace_iter", task_basis=task_basis, update_proj_gap=2, backend="torch")
+        for batch in task_batches(5, seed=76):
+            losses = {t: torch.nn.functional.mse_loss(model(x.cuda()), y.cuda()) for t, (x, y) in batch.items()}
+            opt.backward(losses)
+            opt.step()
+            opt.zero_grad()
+        params[cap] = [p.detach().cpu() for p in model.parameters()]
+        for w in opt.subspaces:
+            for b in w.bases.values():
+                if b is not None and b.shape[1]:
+                    eye = torch.eye(b.shape[1], device=b.device)
+                    assert float((b.T @ b - eye).abs().max()) <= 1e-5
+    for a, b in zip(params[0], params[64 << 20]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)

@@ -446,3 +446,17 @@ def test_canonical_signs_are_invariant_to_column_flips():
     flipped = q * torch.tensor([1.0, -1.0, -1.0, 1.0, -1.0])
     assert torch.equal(canonical_signs(q), canonical_signs(flipped))
     assert canonical_signs(torch.zeros(20, 0)).shape == (20, 0)
+
+
+def test_batched_adaptive_iterations_are_decided_per_matrix():
+    """A steep spectrum batched with a flat one gets the basis it gets alone (one power iteration), while
+    the flat one gets its second iteration; every basis owns its storage."""
+    steep, flat = decaying(200, 300, seed=41, alpha=1.5), decaying(200, 300, seed=42, alpha=0.3)
+    gens = lambda: [_gen(50), _gen(51)]  # noqa: E731
+    batched = compute_bases([steep, flat], 24, "left", method="subspace_iter", generator=gens())
+    for i, g in enumerate((steep, flat)):
+        alone = compute_basis(g, 24, "left", method="subspace_iter", generator=gens()[i])
+        assert float((projector(batched[i]) - projector(alone)).abs().max()) <= 1e-5, i
+        assert batched[i].untyped_storage().nbytes() == batched[i].numel() * 4
+    forced = compute_basis(steep, 24, "left", method="subspace_iter", generator=_gen(50), iters=2)
+    assert float((projector(batched[0]) - projector(forced)).abs().max()) > 1e-4  # it really stopped at one

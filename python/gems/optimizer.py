@@ -587,6 +587,7 @@ class GemsOptimizer(torch.optim.Optimizer):
             distributed.broadcast_bases([w for w, _ in swapped])
         for w, old in swapped:
             self._after_refresh(w, old)
+        del refreshed, swapped  # the old bases
         for p in self._plain_params:
             if p.grad is not None and not _finite(p.grad):
                 skipped.append(self._plain_name(p))

@@ -97,9 +97,10 @@ CUDA_SMALL_SVD_DRIVER: str | None = "gesvda"
 # eigh loop (113 ms and 36–84 ms for 30). `python benches/bench_micro.py --device cuda --cuda-only`.
 # On CPU Householder QR is as fast as CholeskyQR at these sizes and stays the only path.
 CUDA_ORTHONORMALIZE = "cholesky"
-# A CholeskyQR factor is accepted when its columns are orthonormal to this tolerance; a matrix that fails
-# (rank-deficient or too ill-conditioned for the fp64 Gram matrix) is redone with Householder QR.
-CHOLESKY_QR_TOL = 1e-4
+# A CholeskyQR factor is accepted when its columns are orthonormal to this tolerance (measured in fp64, before
+# the cast to fp32); a matrix that fails (rank-deficient or too ill-conditioned for the fp64 Gram matrix) is
+# redone with Householder QR.
+CHOLESKY_QR_TOL = 1e-6
 # The small SVD's U on CUDA gets one more CholeskyQR pass when its columns are orthonormal to less than this.
 POLISHED_TOL = 1e-6
 
@@ -203,7 +204,8 @@ def _sketch(a: Tensor, width: int, generators: Sequence[torch.Generator]) -> Ten
 
 
 def _orthonormality_error(q: Tensor) -> Tensor:
-    """max |QᵀQ − I| per matrix of a b×d×k stack."""
+    """max |QᵀQ − I| per matrix of a b×d×k stack, computed in fp64 (an fp32 GEMM may run in TF32 on a GPU)."""
+    q = q.double()
     eye = torch.eye(q.shape[-1], device=q.device, dtype=q.dtype)
     return (q.transpose(-2, -1) @ q - eye).abs().amax(dim=(-2, -1))
 
@@ -211,19 +213,20 @@ def _orthonormality_error(q: Tensor) -> Tensor:
 def _cholesky_qr(y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """CholeskyQR2 of a b×d×k stack: Q, R with Y = Q·R, and a per-matrix bool "usable".
 
-    Pass 1 in fp64 (Gram matrix, Cholesky, triangular solve: the Gram matrix squares Y's condition number,
-    which fp64 absorbs up to ~1e8), pass 2 on the nearly orthonormal Q₁ in the working dtype restores
-    orthogonality to rounding. Every step is one batched call for the whole stack."""
-    work = y.dtype
-    y64 = y.double()
-    l1, info1 = torch.linalg.cholesky_ex(y64.transpose(-2, -1) @ y64)
-    q = torch.linalg.solve_triangular(l1.transpose(-2, -1), y64, upper=True, left=False).to(work)
-    l2, info2 = torch.linalg.cholesky_ex(q.transpose(-2, -1) @ q)
-    q = torch.linalg.solve_triangular(l2.transpose(-2, -1), q, upper=True, left=False)
-    r = (l2.transpose(-2, -1).double() @ l1.transpose(-2, -1)).to(work)
-    ok = (info1 == 0) & (info2 == 0) & (_orthonormality_error(q) < CHOLESKY_QR_TOL)
-    ok &= torch.isfinite(r).flatten(1).all(dim=1)
-    return q, r, ok
+    Both passes in fp64 (Gram matrix, Cholesky, triangular solve): the first pass's Gram matrix squares Y's
+    condition number, which fp64 absorbs up to ~1e8, the second restores orthogonality to rounding; fp64
+    also keeps the result exact when the user runs fp32 GEMMs in TF32. Every step is one batched call for
+    the whole stack (d·k² flops per matrix: small next to the power iteration's d·n·k)."""
+    q = y.double()
+    r = None
+    ok = torch.ones(y.shape[0], dtype=torch.bool, device=y.device)
+    for _ in range(2):
+        chol, info = torch.linalg.cholesky_ex(q.transpose(-2, -1) @ q)
+        q = torch.linalg.solve_triangular(chol.transpose(-2, -1), q, upper=True, left=False)
+        r = chol.transpose(-2, -1) if r is None else chol.transpose(-2, -1) @ r
+        ok &= info == 0
+    ok &= (_orthonormality_error(q) < CHOLESKY_QR_TOL) & torch.isfinite(r).flatten(1).all(dim=1)
+    return q.to(y.dtype), r.to(y.dtype), ok
 
 
 def _use_cholesky(y: Tensor) -> bool:
@@ -288,8 +291,9 @@ def _polish(u: Tensor) -> Tensor:
     """One CholeskyQR pass on nearly orthonormal columns (gesvda's vectors are accepted up to an error of 1e-4,
     an approximate solver's): orthonormal to rounding afterwards and, the correction being triangular, the
     span of every leading set of columns is kept."""
-    chol, info = torch.linalg.cholesky_ex(u.transpose(-2, -1) @ u)
-    polished = torch.linalg.solve_triangular(chol.transpose(-2, -1), u, upper=True, left=False)
+    u64 = u.double()  # fp64: see _cholesky_qr
+    chol, info = torch.linalg.cholesky_ex(u64.transpose(-2, -1) @ u64)
+    polished = torch.linalg.solve_triangular(chol.transpose(-2, -1), u64, upper=True, left=False).to(u.dtype)
     ok = (info == 0).view(-1, 1, 1) & torch.isfinite(polished).all(dim=-1, keepdim=True).all(dim=-2, keepdim=True)
     return torch.where(ok, polished, u)
 
@@ -350,6 +354,8 @@ def _iterative(
         z = mm(low_t, q) * inv
         return q @ torch.linalg.svd(z.transpose(-2, -1), full_matrices=False).U[..., :rank]
     done = 0
+    out = torch.empty(b, m, rank, dtype=a.dtype, device=a.device)
+    active = torch.arange(b, device=a.device)  # matrices still iterating
     while True:
         z = mm(low_t, q) * inv
         y = mm(low, z)
@@ -359,17 +365,36 @@ def _iterative(
         # by σ² once more than a Rayleigh–Ritz step on span(Q) would, for one GEMM less).
         q, r = _orthonormalize(y)
         u, s = _small_svd(r)
-        if done >= steps:
-            break
-        if not adaptive:
+        if done >= steps or not adaptive:
+            if done >= steps:
+                out[active] = _basis_product(q, u[..., :rank])
+                return out
             continue
-        # Adaptive: the singular values of Y ≈ σ^(2·done+1) tell how flat the spectrum is between the
-        # rank-th and the last column of the block; a flat one (ratio above SUBSPACE_FLAT_RATIO per power
-        # of σ) converges slowly and gets another iteration.
+        # Adaptive, per matrix: the singular values of Y ≈ σ^(2·done+1) tell how flat the spectrum is between
+        # the rank-th and the last column of the block; a flat one (ratio above SUBSPACE_FLAT_RATIO per power
+        # of σ) converges slowly and gets another iteration, the others are done (so a matrix gets the same
+        # basis in a batch as alone).
         ratio = (s[..., width - 1] / s[..., rank - 1].clamp_min(torch.finfo(a.dtype).tiny)) ** (1.0 / (2 * done + 1))
-        if width == rank or not bool((ratio > SUBSPACE_FLAT_RATIO).any()):
-            break
-    return q @ u[..., :rank]
+        flat = ratio > SUBSPACE_FLAT_RATIO if width > rank else torch.zeros_like(ratio, dtype=torch.bool)
+        flat_list = flat.tolist()
+        settled = [j for j, f in enumerate(flat_list) if not f]
+        if settled:
+            out[active[settled]] = _basis_product(q[settled], u[settled, :, :rank])
+        if len(settled) == len(flat_list):
+            return out
+        if settled:  # only the flat ones go on
+            keep = [j for j, f in enumerate(flat_list) if f]
+            active, q, inv = active[keep], q[keep], inv[keep]
+            low = low[keep]
+            low_t = low.transpose(-2, -1)
+
+
+def _basis_product(q: Tensor, u: Tensor) -> Tensor:
+    """Q·U (the approximate singular vectors). On CUDA in fp64: the product of two orthonormal factors is
+    orthonormal to fp32 rounding only if the GEMM is not run in TF32, which users often enable there."""
+    if q.is_cuda:
+        return (q.double() @ u.double()).to(q.dtype)
+    return q @ u
 
 
 def compute_bases(
@@ -441,10 +466,15 @@ def compute_bases(
                 mdtype = None
             bases = _iterative(a, core_rank, method, [previous[i] for i in idx], [generators[i] for i in idx],
                                oversample, iters, mdtype)
+            # the signs of U_R's columns are the small SVD's choice, which can flip between nearly equal
+            # matrices; canonical ones keep moments carried across a refresh meaningful (design notes §10)
+            bases = canonical_signs(bases)
         if rank > core_rank:
             bases = _complete(bases, rank, [generators[i] for i in idx])
         for j, i in enumerate(idx):
-            out[i] = bases[j].float().contiguous()
+            basis = bases[j].float().contiguous()
+            # own storage for each basis of a batch: a view would keep the whole stack alive
+            out[i] = basis.clone() if len(idx) > 1 and basis.data_ptr() == bases[j].data_ptr() else basis
     return out  # type: ignore[return-value]
 
 

@@ -14,9 +14,10 @@ from gems.refresh import compute_bases, orthonormalize_against_many
 SHARED = "shared"
 # Bytes of pending shared gradients after which the optimizer refreshes the weights collected so far in one
 # batched call (same-shape weights share every GEMM, CholeskyQR and small-SVD call). On CUDA a refresh of a
-# small weight is latency-bound: 576×1536 rank 128 took 3.3 ms alone on an H100 (svd: 25 ms). The cap
-# bounds the extra memory to a few times itself (the pending shared gradients, one task's residuals and a
-# stacked copy); 64 MiB holds 18 such weights. On CPU a call has no such fixed cost, so weights are
+# small weight is latency-bound: 576×1536 rank 128 took 3.3–4.1 ms alone on an H100 (svd: 24–26 ms), 0.42 ms
+# per weight in a batch of 30 (benches/results/refresh_nvidia_h100_80gb_hbm3.md). The cap bounds the extra
+# memory to a few times itself (the pending shared gradients, one task's residuals and a stacked copy); the
+# batch is flushed when the pending bytes reach it, the weight that crosses it included (19 such weights). On CPU a call has no such fixed cost, so weights are
 # refreshed one by one (no extra memory).
 REFRESH_BATCH_BYTES = {"cuda": 64 << 20}
 # inner-optimizer state entries that hold squared gradients (torch Adam/AdamW, RMSprop, Adagrad)

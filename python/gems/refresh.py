@@ -354,7 +354,7 @@ def _iterative(
         z = mm(low_t, q) * inv
         return q @ torch.linalg.svd(z.transpose(-2, -1), full_matrices=False).U[..., :rank]
     done = 0
-    out = torch.empty(b, m, rank, dtype=a.dtype, device=a.device)
+    out: Tensor | None = None  # filled per matrix once some matrices stop before others
     active = torch.arange(b, device=a.device)  # matrices still iterating
     while True:
         z = mm(low_t, q) * inv
@@ -365,10 +365,9 @@ def _iterative(
         # by σ² once more than a Rayleigh–Ritz step on span(Q) would, for one GEMM less).
         q, r = _orthonormalize(y)
         u, s = _small_svd(r)
-        if done >= steps or not adaptive:
-            if done >= steps:
-                out[active] = _basis_product(q, u[..., :rank])
-                return out
+        if done >= steps:
+            break
+        if not adaptive:
             continue
         # Adaptive, per matrix: the singular values of Y ≈ σ^(2·done+1) tell how flat the spectrum is between
         # the rank-th and the last column of the block; a flat one (ratio above SUBSPACE_FLAT_RATIO per power
@@ -378,15 +377,21 @@ def _iterative(
         flat = ratio > SUBSPACE_FLAT_RATIO if width > rank else torch.zeros_like(ratio, dtype=torch.bool)
         flat_list = flat.tolist()
         settled = [j for j, f in enumerate(flat_list) if not f]
-        if settled:
-            out[active[settled]] = _basis_product(q[settled], u[settled, :, :rank])
         if len(settled) == len(flat_list):
-            return out
+            break
         if settled:  # only the flat ones go on
+            if out is None:
+                out = torch.empty(b, m, rank, dtype=a.dtype, device=a.device)
+            out[active[settled]] = _basis_product(q[settled], u[settled, :, :rank])
             keep = [j for j, f in enumerate(flat_list) if f]
             active, q, inv = active[keep], q[keep], inv[keep]
             low = low[keep]
             low_t = low.transpose(-2, -1)
+    basis = _basis_product(q, u[..., :rank])  # the matrices that iterated to the end
+    if out is None:
+        return basis
+    out[active] = basis
+    return out
 
 
 def _basis_product(q: Tensor, u: Tensor) -> Tensor:

@@ -507,11 +507,15 @@ def orthonormalize_against_many(
             continue
         v = torch.stack([vectors[i] for i in idx])
         b = torch.stack([bases[i] for i in idx])
-        x = v
+        # fp64 on CUDA (d×r blocks, cheap): a TF32 GEMM would leave the result only ~1e-3 orthogonal to B
+        x = v.double() if v.is_cuda else v
+        if x.dtype != v.dtype:
+            b = b.to(x.dtype)
         for _ in range(2):
             if b.shape[-1]:
                 x = x - b @ (b.transpose(-2, -1) @ x)
         q, r = _orthonormalize(x)
+        q = q.to(v.dtype)
         # same criterion as the reference: a column whose part outside everything before it is tiny
         scale = v.norm(dim=-2).clamp_min(torch.finfo(v.dtype).tiny)
         bad = (r.diagonal(dim1=-2, dim2=-1).abs() <= 1e-4 * scale).any(dim=-1)

@@ -70,3 +70,26 @@ def test_e2e_bench_tiny(benches, tmp_path):
     text = (tmp_path / "e2e.md").read_text()
     assert "gems-svd" in text and "overhead" in text
     assert (tmp_path / "e2e.csv").read_text().startswith("method,")
+
+
+def test_bitsandbytes_shim_lets_the_baselines_import_and_step():
+    """benches/bnb_shim (gpu_check.sh puts it first on PYTHONPATH where bitsandbytes is missing): galore-torch,
+    apollo-torch and peft import with it, GaLoreAdamW steps, LoRA wraps a Linear, and any real use raises."""
+    import os
+    import subprocess
+
+    pytest.importorskip("apollo_torch")
+    code = (
+        "import bitsandbytes, galore_torch, apollo_torch, peft, torch\n"
+        "assert 'shim' in bitsandbytes.__doc__\n"
+        "p = torch.nn.Parameter(torch.randn(8, 8)); p.grad = torch.randn(8, 8)\n"
+        "galore_torch.GaLoreAdamW([{'params': [p], 'rank': 2, 'update_proj_gap': 2, 'scale': 1.0,"
+        " 'proj_type': 'std'}], no_deprecation_warning=True).step()\n"
+        "m = peft.get_peft_model(torch.nn.Sequential(torch.nn.Linear(8, 8)), peft.LoraConfig(r=2, target_modules=['0']))\n"
+        "assert m(torch.randn(2, 8)).shape == (2, 8)\n"
+        "from bitsandbytes.optim.optimizer import Optimizer2State\n"
+        "try:\n    Optimizer2State()\nexcept RuntimeError as e:\n    assert 'not installed' in str(e)\nelse:\n    raise SystemExit('no error')\n"
+    )
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(BENCHES / "bnb_shim"), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-2000:]

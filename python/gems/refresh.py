@@ -237,21 +237,13 @@ def _orthonormalize(y: Tensor) -> tuple[Tensor, Tensor]:
     """Q, R of a b×d×k stack (d ≥ k). CUDA: batched CholeskyQR2 (see CUDA_ORTHONORMALIZE), with Householder
     QR for the matrices it cannot handle; CPU: Householder QR (orthonormal Q for any input, zero included)."""
     if not _use_cholesky(y):
-        return _positive_diagonal(*torch.linalg.qr(y))
+        return torch.linalg.qr(y)
     q, r, ok = _cholesky_qr(y)
     bad = (~ok).nonzero().flatten().tolist()
     if bad:
-        q_bad, r_bad = _positive_diagonal(*torch.linalg.qr(y[bad]))
+        q_bad, r_bad = torch.linalg.qr(y[bad])
         q[bad], r[bad] = q_bad, r_bad
     return q, r
-
-
-def _positive_diagonal(q: Tensor, r: Tensor) -> tuple[Tensor, Tensor]:
-    """The QR factorisation with diag(R) ≥ 0, the one CholeskyQR computes: Householder QR picks each column's
-    sign from the sign of an entry, so without this a basis could flip sign between nearly equal inputs
-    (and between the CholeskyQR path and its fallback), and moments kept across a refresh with it."""
-    sign = torch.where(r.diagonal(dim1=-2, dim2=-1) < 0, -1.0, 1.0).to(q.dtype)
-    return q * sign.unsqueeze(-2), r * sign.unsqueeze(-1)
 
 
 def _small_svd(r: Tensor) -> tuple[Tensor, Tensor]:
@@ -493,7 +485,7 @@ def orthonormalize_against_many(
 
     Each output column's sign is canonical (its largest entry is positive, :func:`canonical_signs`): the
     input vectors come from an SVD whose signs are not stable between nearly equal gradients, and a QR that
-    keeps them (CholeskyQR, positive diagonal) passes a flip on to the kept moments. Measured on an H100: two
+    keeps them (CholeskyQR) passes a flip on to the kept moments. Measured on an H100: two
     GemsOptimizer runs whose weights differed by 5e-8 before a refresh ended 2e-3 apart with the solver's
     signs, 9e-8 with canonical ones (docs/design_notes.md §10)."""
     out: list[Tensor | None] = [None] * len(vectors)

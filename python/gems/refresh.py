@@ -248,8 +248,8 @@ def _orthonormalize(y: Tensor) -> tuple[Tensor, Tensor]:
 
 def _small_svd(r: Tensor) -> tuple[Tensor, Tensor]:
     """U and singular values of the small k×k factor(s). On CUDA the faster, batched CUDA_SMALL_SVD_DRIVER is
-    tried first. It can fail to converge (measured: rank 512 of a 576×576 gradient; a zero factor in a batch
-    fails the whole batch), and then each matrix is retried alone; a matrix that still fails, or whose
+    tried first. It can fail to converge (measured: rank 512 of a 576×576 gradient), which fails the whole
+    batched call, and then each matrix is retried alone; a matrix that still fails, or whose
     vectors are not orthonormal to 1e-4 (the driver is approximate), gets torch's default driver. A result
     orthonormal to less than POLISHED_TOL is polished (:func:`_polish`): the default driver's vectors were
     orthonormal to only 9e-5 on an H100, gesvda's to 2.4e-7 on a real gradient."""

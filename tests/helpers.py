@@ -22,6 +22,22 @@ class TwoTaskNet(nn.Module):
         return self.gain * self.out(torch.tanh(self.mid(self.norm(torch.tanh(self.inp(x))))))
 
 
+class SameShapesNet(nn.Module):
+    """Four 16×16 weights (one batch for the refresh), plus an input and an output layer of other shapes."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(12, 16)
+        self.mid = nn.ModuleList(nn.Linear(16, 16, bias=False) for _ in range(4))
+        self.out = nn.Linear(16, 6)
+
+    def forward(self, x):
+        x = torch.tanh(self.inp(x))
+        for layer in self.mid:
+            x = torch.tanh(layer(x))
+        return self.out(x)
+
+
 def make_model(seed=0, **kw):
     torch.manual_seed(seed)
     return TwoTaskNet(**kw)

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from helpers import make_model, make_opt, task_batches, train
+from helpers import SameShapesNet, make_model, make_opt, task_batches, train
 
 
 def _states(opt):
@@ -100,22 +100,6 @@ def test_warm_start_hands_the_old_bases_to_the_engine(monkeypatch, warm_start):
     assert opt.state_dict()["config"]["warm_start"] is warm_start
 
 
-class _SameShapes(torch.nn.Module):
-    """Four 16×16 weights (one batch for the refresh), plus an input and an output layer of other shapes."""
-
-    def __init__(self):
-        super().__init__()
-        self.inp = torch.nn.Linear(12, 16)
-        self.mid = torch.nn.ModuleList(torch.nn.Linear(16, 16, bias=False) for _ in range(4))
-        self.out = torch.nn.Linear(16, 6)
-
-    def forward(self, x):
-        x = torch.tanh(self.inp(x))
-        for layer in self.mid:
-            x = torch.tanh(layer(x))
-        return self.out(x)
-
-
 @pytest.mark.parametrize("method,task_basis", [("subspace_iter", "residual"), ("randomized", "independent"),
                                                ("svd", "residual")])
 def test_batched_refresh_across_weights_matches_one_by_one(monkeypatch, method, task_basis):
@@ -136,7 +120,7 @@ def test_batched_refresh_across_weights_matches_one_by_one(monkeypatch, method, 
         monkeypatch.setitem(subspaces.REFRESH_BATCH_BYTES, "cpu", cap)
         calls.clear()
         torch.manual_seed(70)
-        model = _SameShapes()
+        model = SameShapesNet()
         opt = make_opt(model, refresh=method, task_basis=task_basis, update_proj_gap=2, rank=4, task_rank=2)
         train(model, opt, task_batches(5, seed=71))
         params[cap] = [p.detach().clone() for p in model.parameters()]
@@ -162,7 +146,7 @@ def test_failed_refresh_leaves_every_weight_untouched(monkeypatch, cap):
 
     monkeypatch.setitem(subspaces.REFRESH_BATCH_BYTES, "cpu", cap)
     torch.manual_seed(72)
-    model = _SameShapes()
+    model = SameShapesNet()
     opt = make_opt(model, refresh="subspace_iter", update_proj_gap=2)
     train(model, opt, task_batches(2, seed=73))  # bases exist; the next step refreshes
     bases = {(w.name, s): b.clone() for w in opt.subspaces for s, b in w.bases.items() if b is not None}
@@ -208,7 +192,7 @@ def test_cuda_batched_refresh_trains_like_one_by_one(monkeypatch, task_basis):
     for cap in (0, 64 << 20):
         monkeypatch.setitem(subspaces.REFRESH_BATCH_BYTES, "cuda", cap)
         torch.manual_seed(75)
-        model = _SameShapes().cuda()
+        model = SameShapesNet().cuda()
         opt = make_opt(model, refresh="subspace_iter", task_basis=task_basis, update_proj_gap=2, backend="torch")
         for batch in task_batches(5, seed=76):
             losses = {t: torch.nn.functional.mse_loss(model(x.cuda()), y.cuda()) for t, (x, y) in batch.items()}

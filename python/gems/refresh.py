@@ -229,8 +229,21 @@ def _cholesky_qr(y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return q.to(y.dtype), r.to(y.dtype), ok
 
 
+def _gpu_path(t: Tensor) -> bool:
+    """Whether ``t`` takes the CUDA code paths (batched CholeskyQR, the small-SVD driver with its fallbacks,
+    fp64 checks and products). One switch, so that tests can run those paths on CPU."""
+    return t.is_cuda
+
+
+def _driver_svd(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """torch.linalg.svd with CUDA_SMALL_SVD_DRIVER (CPU tensors, in tests, take LAPACK's default)."""
+    if x.is_cuda:
+        return torch.linalg.svd(x, driver=CUDA_SMALL_SVD_DRIVER)
+    return torch.linalg.svd(x)
+
+
 def _use_cholesky(y: Tensor) -> bool:
-    return y.is_cuda and CUDA_ORTHONORMALIZE == "cholesky"
+    return _gpu_path(y) and CUDA_ORTHONORMALIZE == "cholesky"
 
 
 def _orthonormalize(y: Tensor) -> tuple[Tensor, Tensor]:
@@ -253,19 +266,19 @@ def _small_svd(r: Tensor) -> tuple[Tensor, Tensor]:
     vectors are not orthonormal to 1e-4 (the driver is approximate), gets torch's default driver. A result
     orthonormal to less than POLISHED_TOL is polished (:func:`_polish`): the default driver's vectors were
     orthonormal to only 9e-5 on an H100, gesvda's to 2.4e-7 on a real gradient."""
-    if not r.is_cuda:
+    if not _gpu_path(r):
         u, s, _ = torch.linalg.svd(r)
         return u, s
     if not CUDA_SMALL_SVD_DRIVER:
         u, s, _ = torch.linalg.svd(r)
         return _polish(u), s
     try:
-        u, s, _ = torch.linalg.svd(r, driver=CUDA_SMALL_SVD_DRIVER)
+        u, s, _ = _driver_svd(r)
     except torch.linalg.LinAlgError:
         u, s = torch.empty_like(r), r.new_empty(r.shape[:-1])
         for i in range(r.shape[0]):
             try:
-                u[i], s[i], _ = torch.linalg.svd(r[i], driver=CUDA_SMALL_SVD_DRIVER)
+                u[i], s[i], _ = _driver_svd(r[i])
             except torch.linalg.LinAlgError:
                 u[i] = float("nan")  # redone below
     err = _orthonormality_error(u).tolist()  # the one host sync of this function
@@ -389,7 +402,7 @@ def _iterative(
 def _basis_product(q: Tensor, u: Tensor) -> Tensor:
     """Q·U (the approximate singular vectors). On CUDA in fp64: the product of two orthonormal factors is
     orthonormal to fp32 rounding only if the GEMM is not run in TF32, which users often enable there."""
-    if q.is_cuda:
+    if _gpu_path(q):
         return (q.double() @ u.double()).to(q.dtype)
     return q @ u
 
@@ -500,7 +513,7 @@ def orthonormalize_against_many(
         v = torch.stack([vectors[i] for i in idx])
         b = torch.stack([bases[i] for i in idx])
         # fp64 on CUDA (d×r blocks, cheap): a TF32 GEMM would leave the result only ~1e-3 orthogonal to B
-        x = v.double() if v.is_cuda else v
+        x = v.double() if _gpu_path(v) else v
         if x.dtype != v.dtype:
             b = b.to(x.dtype)
         for _ in range(2):

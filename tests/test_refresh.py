@@ -99,6 +99,10 @@ def test_svd_matches_reference_bit_for_bit():
     g = decaying(40, 70, seed=4)
     for side in ("left", "right"):
         assert torch.equal(compute_basis(g, 9, side), top_singular_basis(g, 9, side))
+        # a batch of same-shape matrices too (the optimizer refreshes its weights together)
+        mats = [g, decaying(40, 70, seed=5), decaying(40, 70, seed=6)]
+        for b, m in zip(compute_bases(mats, 9, side), mats):
+            assert torch.equal(b, top_singular_basis(m, 9, side))
 
 
 @pytest.mark.parametrize("side", ["left", "right"])

@@ -127,9 +127,10 @@ def test_batched_refresh_across_weights_matches_one_by_one(monkeypatch, method, 
         widest[cap] = max(calls)
         for w in opt.subspaces:
             assert float((w.bases["shared"].T @ w.bases["a"]).abs().max()) <= 1e-5 or task_basis == "independent"
-    # matrices per compute_bases call: 1 one by one (and always for svd), more with each larger cap
-    assert list(widest.values()) == ([1, 1, 1] if method == "svd" else sorted(set(widest.values())))
-    assert widest[0] == 1 and (method == "svd" or widest[1 << 30] >= 4)
+    # matrices per compute_bases call: 1 one by one, more with each larger cap (svd too: compute_bases then
+    # takes GaLore's per-matrix SVD inside the call, hence the bit-exact comparison below)
+    assert list(widest.values()) == sorted(set(widest.values()))
+    assert widest[0] == 1 and widest[1 << 30] >= 4
     for cap in params:
         for a, b in zip(params[0], params[cap]):
             if method == "svd":

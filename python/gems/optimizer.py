@@ -386,11 +386,8 @@ class GemsOptimizer(torch.optim.Optimizer):
         if self.nullspace_mode == "gradient" and w.protected is not None:
             used = [nsp.project_gradient(g, w.protected, w.protect_side) for g in grads]
         shared = reference.shared_gradient(used, mix) if len(used) > 1 else used[0].float()
-        ((_, new),) = self._refresh([RefreshJob(w, shared, dict(zip(self.tasks, used)), self._generator(w))])
+        self._install(self._refresh([RefreshJob(w, shared, dict(zip(self.tasks, used)), self._generator(w))]))
         del shared, used
-        old = dict(w.bases)
-        w.bases.update(new)
-        self._after_refresh(w, old)
         self._task_grads.refreshed.add(id(w.param))
         for t, g in zip(self.tasks, grads):
             self._stash_projected(w, t, g)
@@ -579,15 +576,8 @@ class GemsOptimizer(torch.optim.Optimizer):
                     refreshed += self._refresh(pending)
             work.append((w, shared_w, grads, False))
         refreshed += self._refresh(pending)
-        swapped: list[tuple[WeightSubspaces, dict[str, Tensor | None]]] = []
-        for w, new in refreshed:  # every refresh succeeded: only now do the weights take their new bases
-            swapped.append((w, dict(w.bases)))
-            w.bases.update(new)
-        if swapped and distributed.should_sync(self.sync):
-            distributed.broadcast_bases([w for w, _ in swapped])
-        for w, old in swapped:
-            self._after_refresh(w, old)
-        del refreshed, swapped  # the old bases
+        self._install(refreshed)
+        del refreshed
         for p in self._plain_params:
             if p.grad is not None and not _finite(p.grad):
                 skipped.append(self._plain_name(p))
@@ -614,6 +604,18 @@ class GemsOptimizer(torch.optim.Optimizer):
         done = [(j.w, new) for j, new in zip(jobs, news)]
         jobs.clear()
         return done
+
+    def _install(self, refreshed: list[tuple[WeightSubspaces, dict[str, Tensor]]]) -> None:
+        """Give the weights their new bases, once every refresh of the step succeeded (rank 0's under DDP),
+        then move the inner state into them and schedule the next refresh."""
+        swapped = []
+        for w, new in refreshed:
+            swapped.append((w, dict(w.bases)))
+            w.bases.update(new)
+        if swapped and distributed.should_sync(self.sync):
+            distributed.broadcast_bases([w for w, _ in swapped])
+        for w, old in swapped:
+            self._after_refresh(w, old)
 
     def _after_refresh(self, w: WeightSubspaces, old: dict[str, Tensor | None]) -> None:
         if self.adaptive_refresh is not None:

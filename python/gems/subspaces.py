@@ -17,8 +17,8 @@ SHARED = "shared"
 # small weight is latency-bound: 576×1536 rank 128 took 3.3–4.1 ms alone on an H100 (svd: 24–26 ms), 0.42 ms
 # per weight in a batch of 30 (benches/results/refresh_nvidia_h100_80gb_hbm3.md). The cap bounds the extra
 # memory to a few times itself (the pending shared gradients, one task's residuals and a stacked copy); the
-# batch is flushed when the pending bytes reach it, the weight that crosses it included (19 such weights). On CPU a call has no such fixed cost, so weights are
-# refreshed one by one (no extra memory).
+# batch is flushed when the pending bytes reach it, the weight that crosses it included (19 such weights).
+# On CPU a call has no such fixed cost, so weights are refreshed one by one (no extra memory).
 REFRESH_BATCH_BYTES = {"cuda": 64 << 20}
 # inner-optimizer state entries that hold squared gradients (torch Adam/AdamW, RMSprop, Adagrad)
 SECOND_ORDER_STATE = frozenset({"exp_avg_sq", "max_exp_avg_sq", "square_avg", "sum"})
@@ -157,17 +157,15 @@ def refresh_bases(jobs: list[RefreshJob], *, task_basis: str, method: str,
     (residual mode: from the part of G_t outside span(B_sh), orthonormalised against B_sh). Returns them
     per job; nothing is assigned, so a failure leaves every weight's bases as they were.
 
-    The iterative engines refresh all jobs together (same-shape weights batched, each with its own
-    generator, so every weight gets the bases it would get alone up to rounding); "svd" stays one weight at
-    a time (GaLore's exact call, bit for bit)."""
+    All jobs are refreshed together (same-shape weights batched by compute_bases, each with its own
+    generator, so every weight gets the bases it would get alone up to rounding; "svd" bit for bit)."""
     news: list[dict[str, Tensor]] = [{} for _ in jobs]
 
     def bases_for(items: list[tuple[int, str, Tensor]]) -> None:
-        groups: dict[tuple, list[int]] = {}
+        groups: dict[tuple[int, str], list[int]] = {}
         for k, (i, s, _) in enumerate(items):
-            key = (jobs[i].w.ranks[s], jobs[i].w.side) + ((k,) if method == "svd" else ())
-            groups.setdefault(key, []).append(k)
-        for (rank, side, *_), ks in groups.items():
+            groups.setdefault((jobs[i].w.ranks[s], jobs[i].w.side), []).append(k)
+        for (rank, side), ks in groups.items():
             got = compute_bases([items[k][2] for k in ks], rank, side, method=method,
                                 # warm start: the iterative engines start from the bases being replaced
                                 previous=[jobs[items[k][0]].w.bases.get(items[k][1]) if warm_start else None

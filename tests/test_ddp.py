@@ -1,7 +1,9 @@
 """Two CPU processes (gloo) train 10 GEMS steps: identical weights and bases on both ranks, equal to one process
 training on the concatenated batch."""
 import os
+import sys
 import tempfile
+import warnings
 
 import pytest
 import torch
@@ -34,23 +36,40 @@ def _options(stash):
 def _worker(rank, world, init_file, out_dir, stash="full"):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        model = make_model(40)
-        opt = make_opt(model, update_proj_gap=4, **_options(stash))
-        half = 16 // world
-        _run(model, opt, task_batches(STEPS, seed=41, n=16), slice(rank * half, (rank + 1) * half), half)
-        torch.save({"params": [p.detach() for p in model.parameters()],
-                    "bases": [{k: v for k, v in w.bases.items()} for w in opt.subspaces]},
-                   os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+    model = make_model(40)
+    opt = make_opt(model, update_proj_gap=4, **_options(stash))
+    half = 16 // world
+    _run(model, opt, task_batches(STEPS, seed=41, n=16), slice(rank * half, (rank + 1) * half), half)
+    torch.save({"params": [p.detach() for p in model.parameters()],
+                "bases": [{k: v for k, v in w.bases.items()} for w in opt.subspaces]},
+               os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.barrier()  # both ranks are past every collective before either one leaves
+    # Leave without tearing gloo down: once in a few hundred runs on the 2-core CI machine, process-group
+    # teardown or interpreter exit aborted a rank ("terminate called without an active exception", SIGABRT)
+    # after its results were saved. Teardown is torch's, not what this test checks.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def _spawn(tmp, stash):
+    """Runs both ranks; a rank killed by a signal (a crash inside the gloo/torch runtime, not a Python error
+    or a wrong result) gets the whole run retried once, with a warning."""
+    for attempt in range(2):
+        init_file = os.path.join(tmp, f"init{attempt}")
+        try:
+            mp.spawn(_worker, args=(2, init_file, tmp, stash), nprocs=2, join=True)
+            return
+        except mp.ProcessExitedException as exc:
+            if attempt or exc.signal_name is None:
+                raise
+            warnings.warn(f"DDP run retried after a runtime crash: {exc}")
 
 
 @pytest.mark.parametrize("stash", ["full", "projected"])
 def test_two_rank_training_matches_single_process(stash):
     with tempfile.TemporaryDirectory() as tmp:
-        init_file = os.path.join(tmp, "init")
-        mp.spawn(_worker, args=(2, init_file, tmp, stash), nprocs=2, join=True)
+        _spawn(tmp, stash)
         r0 = torch.load(os.path.join(tmp, "rank0.pt"), weights_only=True)
         r1 = torch.load(os.path.join(tmp, "rank1.pt"), weights_only=True)
     for a, b in zip(r0["params"], r1["params"]):

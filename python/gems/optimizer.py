@@ -545,6 +545,7 @@ class GemsOptimizer(torch.optim.Optimizer):
         work: list[tuple[WeightSubspaces, Tensor, list[Tensor]]] = []
         refreshed: list[tuple[WeightSubspaces, dict[str, Tensor]]] = []
         pending: list[RefreshJob] = []  # weights due for a refresh, refreshed together (see REFRESH_BATCH_BYTES)
+        pending_bytes = 0
         stash = self._task_grads
         for w in self._subspaces:
             if id(w.param) in stash.nonfinite:
@@ -572,8 +573,10 @@ class GemsOptimizer(torch.optim.Optimizer):
                 shared = reference.shared_gradient(grads, shared_w) if len(grads) > 1 else grads[0].float()
                 pending.append(RefreshJob(w, shared, dict(zip(self.tasks, grads)), self._generator(w)))
                 del shared
-                if sum(j.nbytes() for j in pending) >= batch_bytes(w.param.device):
+                pending_bytes += pending[-1].nbytes()
+                if pending_bytes >= batch_bytes(w.param.device):
                     refreshed += self._refresh(pending)
+                    pending_bytes = 0
             work.append((w, shared_w, grads, False))
         refreshed += self._refresh(pending)
         self._install(refreshed)

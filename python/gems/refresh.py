@@ -424,9 +424,9 @@ def compute_bases(
     ``previous`` is ``None`` or a list aligned with ``matrices`` (entries may be ``None``). ``generator``
     is one generator shared by all matrices or a list aligned with ``matrices``. Random draws are taken
     per matrix in list order, the same draws a loop of :func:`compute_basis` calls would take (sharing one
-    generator: when every matrix has the same shape), so batched and looped results agree to rounding.
-    (The iterative engines decide a second power iteration for a same-shape group as a whole: a batched
-    call runs it for every matrix of the group when one of them has a flat spectrum.)"""
+    generator: when every matrix has the same shape), so batched and looped results agree to rounding. The
+    iterative engines decide a second power iteration per matrix, so a matrix gets the same basis in a batch
+    as alone."""
     matrices = list(matrices)
     if previous is None:
         previous = [None] * len(matrices)

@@ -25,3 +25,17 @@ def test_auto_prefers_prebuilt_cuda_then_triton(monkeypatch):
     assert dispatch.resolve_backend("auto", device_type="cuda") == "cuda"
     answers["cuda"] = (True, "just-in-time build with nvcc")
     assert dispatch.resolve_backend("auto", device_type="cuda") == "triton"
+
+
+def test_auto_keeps_large_weights_off_triton():
+    """backend="auto" runs Triton only where its fused step was measured faster than torch (small m·n·R)."""
+    import torch
+
+    small, large = (576, 1536), (4096, 4096)
+    assert dispatch.auto_backend_for("triton", small, torch.float32, 128) == "triton"
+    assert dispatch.auto_backend_for("triton", small, torch.float32, 1024) == "torch"
+    assert dispatch.auto_backend_for("triton", small, torch.bfloat16, 1024) == "triton"
+    assert dispatch.auto_backend_for("triton", (2048, 2048), torch.bfloat16, 512) == "torch"
+    assert dispatch.auto_backend_for("triton", large, torch.float16, 128) == "torch"
+    for preferred in ("cuda", "torch"):
+        assert dispatch.auto_backend_for(preferred, large, torch.float32, 1024) == preferred

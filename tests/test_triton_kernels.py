@@ -641,6 +641,54 @@ def test_optimizer_backend_triton_matches_torch(launch_counts, with_nullspace):
 
 
 @pytest.mark.filterwarnings("ignore:GEMS ranks clamped")
+@pytest.mark.parametrize("stash", ["full", "projected"])
+def test_auto_backend_runs_large_weights_on_torch(monkeypatch, stash):
+    """backend="auto" resolved to Triton steps the weights above AUTO_TRITON_MAX_WORK with the torch path and
+    the others with the kernels, in one optimizer step, and trains like backend="torch"."""
+    import gems
+    from gems import dispatch, optimizer
+
+    launched = []
+    for name in ("project_adam", "back_project_update"):
+        real = getattr(gk, name)
+
+        def recording(*a, _real=real, _name=name, **k):
+            first = a[0][0]  # project_adam: the first weight's task gradients; back_project_update: the weight
+            launched.append((_name, tuple((first[0] if isinstance(first, list) else first).shape)))
+            return _real(*a, **k)
+
+        monkeypatch.setattr(gk, name, recording)
+
+    def run(backend):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(24, 40), torch.nn.Tanh(), torch.nn.Linear(40, 16),
+                                    torch.nn.Tanh(), torch.nn.Linear(16, 4)).to(DEV)
+        inner = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01)
+        opt = gems.GemsOptimizer(inner, model=model, tasks=["a", "b"], rank=6, task_rank=3, update_proj_gap=4,
+                                 backend=backend, target_modules=None, stash=stash)
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(6):
+            xa, xb = (torch.randn(8, 24, generator=gen).to(DEV) for _ in range(2))
+            opt.backward({"a": model(xa).pow(2).mean(), "b": (model(xb) - 1).pow(2).mean()})
+            opt.step()
+            opt.zero_grad()
+        return opt, [p.detach().clone() for p in model.parameters()]
+
+    _, ref = run("torch")
+    # auto as on a GPU without a prebuilt CUDA extension; the 40×24 weight (work 40·24·12) is over the limit
+    monkeypatch.setattr(optimizer, "resolve_backend", lambda requested, device_type: "triton")
+    monkeypatch.setitem(dispatch.AUTO_TRITON_MAX_WORK, torch.float32, 40 * 24 * 12 - 1)
+    opt, out = run("auto")
+    assert opt.backend == "triton"
+    shapes = {shape for _, shape in launched}
+    assert (40, 24) not in shapes and {(16, 40), (4, 16)} <= shapes
+    assert {name for name, _ in launched} == ({"back_project_update"} if stash == "projected"
+                                              else {"project_adam", "back_project_update"})
+    for a, b in zip(out, ref):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.filterwarnings("ignore:GEMS ranks clamped")
 def test_projected_stash_with_triton_backend_uses_the_back_projection_kernel(launch_counts):
     """stash="projected" has no full gradients for the fused projection kernel: the inner optimizer steps the
     coordinates and the Triton back-projection writes the weights, matching the torch backend."""

@@ -6,10 +6,22 @@ from __future__ import annotations
 
 import importlib
 import os
+from collections.abc import Sequence
+
+import torch
 
 from gems.errors import BackendUnavailableError
 
 BACKENDS = ("auto", "torch", "triton", "cuda")
+
+# backend="auto" with Triton (CUDA without a prebuilt extension): Triton runs a weight only when its fused
+# step was measured faster than the torch path there, by the work m·n·R of one call (R = total rank of all
+# subspaces). H100, `python benches/bench_step.py` (benches/results/bench_step_nvidia_h100_80gb_hbm3.csv),
+# Triton / torch time, two tasks: fp32 0.77 and 0.93 at m·n·R = 1.1e8 and 4.5e8 (576×1536), 1.3–5.1× from
+# 5.4e8 (2048², 4096², 4096×11008); bf16 0.23–0.88 up to 9.1e8 (576×1536, 2048² at R = 128), 1.2–7× from
+# 2.1e9. (The prebuilt CUDA extension was as fast as torch or faster in fp32 at every measured shape and
+# stays on everywhere.)
+AUTO_TRITON_MAX_WORK = {torch.float32: 5e8, torch.bfloat16: 1e9, torch.float16: 1e9}
 
 
 def _probe(name: str) -> tuple[bool, str]:
@@ -33,9 +45,15 @@ def backend_module(name: str):
     return importlib.import_module({"triton": "gems_kernels", "cuda": "gems.cuda_backend"}[name])
 
 
+def requested_backend(requested: str | None) -> str:
+    """The backend asked for: the argument, else the GEMS_BACKEND environment variable, else "auto"."""
+    return requested or os.environ.get("GEMS_BACKEND") or "auto"
+
+
 def resolve_backend(requested: str | None, *, device_type: str) -> str:
-    """The backend to use for parameters on ``device_type``."""
-    requested = requested or os.environ.get("GEMS_BACKEND") or "auto"
+    """The backend to use for parameters on ``device_type`` (for "auto", the preferred kernel backend;
+    :func:`auto_backend_for` then picks per weight)."""
+    requested = requested_backend(requested)
     if requested not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {requested!r}")
     if requested == "auto":
@@ -53,3 +71,12 @@ def resolve_backend(requested: str | None, *, device_type: str) -> str:
     if not ok:
         raise BackendUnavailableError(f"backend={requested!r} is not available here: {reason}")
     return requested
+
+
+def auto_backend_for(preferred: str, shape: Sequence[int], dtype: torch.dtype, total_rank: int) -> str:
+    """Under backend="auto": the backend for one weight of ``shape`` and ``dtype`` whose subspaces have
+    ``total_rank`` columns in all, given the resolved ``preferred`` one (see AUTO_TRITON_MAX_WORK)."""
+    if preferred != "triton":
+        return preferred
+    limit = AUTO_TRITON_MAX_WORK.get(dtype, AUTO_TRITON_MAX_WORK[torch.float32])
+    return "triton" if shape[0] * shape[1] * total_rank <= limit else "torch"

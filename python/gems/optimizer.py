@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from gems import diagnostics as diag
 from gems import distributed, reference
 from gems import nullspace as nsp
-from gems.dispatch import backend_module, resolve_backend
+from gems.dispatch import auto_backend_for, backend_module, requested_backend, resolve_backend
 from gems.refresh import REFRESH_METHODS
 from gems.subspaces import SHARED, RefreshJob, WeightSubspaces, batch_bytes, clamp_report, refresh_bases
 from gems.targets import TargetSpec, select_linear_modules, unwrap
@@ -176,6 +176,7 @@ class GemsOptimizer(torch.optim.Optimizer):
         self._install_coordinates()
         devices = {w.param.device.type for w in self._subspaces} or {"cpu"}
         self.backend = resolve_backend(backend, device_type="cuda" if "cuda" in devices else "cpu")
+        self._auto_backend = requested_backend(backend) == "auto"
 
     # ----------------------------------------------------------------------------------------------
     # construction
@@ -586,8 +587,11 @@ class GemsOptimizer(torch.optim.Optimizer):
                 skipped.append(self._plain_name(p))
                 p.grad = None
         if self._fused_adam():
-            deltas = self._fused_project_adam(work, shared_w)
-            self.inner.step()  # the non-targeted parameters; coordinates have no gradient and are skipped
+            fused = [item for item in work if self._backend_for(item[0]) != "torch"]
+            deltas = self._fused_project_adam(fused, shared_w)
+            # the other weights (backend="auto" keeps large ones on torch) and the non-targeted parameters;
+            # the fused weights' coordinates have no gradient and are skipped
+            deltas.update(self._inner_step([item for item in work if self._backend_for(item[0]) == "torch"]))
         else:
             deltas = self._inner_step(work)
         self._write_updates(work, deltas, gates)
@@ -699,6 +703,13 @@ class GemsOptimizer(torch.optim.Optimizer):
         return all(not g.get("amsgrad") and not g.get("maximize") and not g.get("capturable")
                    and not g.get("differentiable") for g in self.inner.param_groups)
 
+    def _backend_for(self, w: WeightSubspaces) -> str:
+        """The backend that steps weight ``w``: the resolved one, except that backend="auto" keeps the weights
+        for which the kernel backend was measured slower on torch (gems.dispatch.auto_backend_for)."""
+        if not self._auto_backend:
+            return self.backend
+        return auto_backend_for(self.backend, tuple(w.param.shape), w.param.dtype, sum(w.ranks.values()))
+
     def _fused_project_adam(self, work, shared_w) -> dict[int, dict[str, Tensor]]:
         mod = backend_module(self.backend)
         groups: dict[tuple, list] = {}
@@ -757,7 +768,6 @@ class GemsOptimizer(torch.optim.Optimizer):
     def _write_updates(self, work, deltas: dict[int, dict[str, Tensor]], gates: list[float]) -> None:
         """W ← W − lr·wd·D(W) + Σ_s c_s·B'_s·δ_s for every stepped weight, through the backend (kernels get
         every weight of one shape, dtype, side, ranks and param group in one call)."""
-        mod = backend_module(self.backend)
         batches: dict[tuple, list] = {}
         for w, *_ in work:
             ds = deltas[w.index]
@@ -766,13 +776,15 @@ class GemsOptimizer(torch.optim.Optimizer):
             if self.track_update_stats:
                 self._record_update_stats(w, ds, self._coefficients(w, gates))
             lr, wd = float(w.group["lr"]), float(w.group.get("weight_decay", 0.0))
-            if mod is None:
+            backend = self._backend_for(w)
+            if backend == "torch":
                 self._apply_torch(w, ds, self._coefficients(w, gates), lr, wd)
             else:
-                key = (tuple(w.param.shape), w.param.dtype, w.side, tuple(w.ranks.items()), id(w.group),
+                key = (backend, tuple(w.param.shape), w.param.dtype, w.side, tuple(w.ranks.items()), id(w.group),
                        w.protect_side)
                 batches.setdefault(key, []).append((w, ds))
-        for members in batches.values():
+        for (backend, *_), members in batches.items():
+            mod = backend_module(backend)
             w0 = members[0][0]
             names = self._all_subspace_names()
             mod.back_project_update(

@@ -524,9 +524,11 @@ def test_gpu_code_path_small_svd_retries_and_fallbacks(gpu_path, monkeypatch):
         assert float((projector(u[i][:, :4]) - projector(ref[:, :4])).abs().max()) <= 1e-4
 
 
-def test_gpu_code_path_in_the_optimizer(gpu_path, monkeypatch):
-    """The optimizer with the weights refreshed together through the CUDA code path trains like the plain
-    CPU path (same generators; the fp64 products and CholeskyQR differ from Householder only by rounding)."""
+@pytest.mark.parametrize("stash", ["full", "projected"])
+def test_gpu_code_path_in_the_optimizer(gpu_path, monkeypatch, stash):
+    """The optimizer with the weights refreshed together (in step, or in backward with the projected stash)
+    through the CUDA code path trains like the plain CPU path (same generators; the fp64 products and
+    CholeskyQR differ from Householder only by rounding)."""
     from helpers import SameShapesNet, make_opt, task_batches, train
 
     from gems import subspaces
@@ -537,7 +539,7 @@ def test_gpu_code_path_in_the_optimizer(gpu_path, monkeypatch):
         monkeypatch.setitem(subspaces.REFRESH_BATCH_BYTES, "cpu", (1 << 30) if mode == "gpu" else 0)
         torch.manual_seed(90)
         model = SameShapesNet()
-        opt = make_opt(model, refresh="subspace_iter", update_proj_gap=2)
+        opt = make_opt(model, refresh="subspace_iter", update_proj_gap=2, stash=stash)
         train(model, opt, task_batches(5, seed=91))
         params[mode] = [p.detach().clone() for p in model.parameters()]
     for a, b in zip(params["gpu"], params["cpu"]):

@@ -139,6 +139,40 @@ def test_batched_refresh_across_weights_matches_one_by_one(monkeypatch, method, 
                 torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("method", ["subspace_iter", "svd"])
+def test_projected_stash_batches_the_refreshes_in_backward(monkeypatch, method):
+    """stash="projected" refreshes due weights inside backward; they are refreshed together once
+    REFRESH_BATCH_BYTES of them are collected (the rest after the last task's backward), as step() does on
+    CUDA, and train like weights refreshed one by one."""
+    from gems import subspaces
+
+    calls = []
+    real = subspaces.compute_bases
+
+    def recording(matrices, *args, **kw):
+        calls.append(len(matrices))
+        return real(matrices, *args, **kw)
+
+    monkeypatch.setattr(subspaces, "compute_bases", recording)
+    params, widest = {}, {}
+    for cap in (0, 2 * 16 * 16 * 4, 1 << 30):
+        monkeypatch.setitem(subspaces.REFRESH_BATCH_BYTES, "cpu", cap)
+        calls.clear()
+        torch.manual_seed(74)
+        model = SameShapesNet()
+        opt = make_opt(model, refresh=method, update_proj_gap=2, rank=4, task_rank=2, stash="projected")
+        train(model, opt, task_batches(5, seed=75))
+        params[cap] = [p.detach().clone() for p in model.parameters()]
+        widest[cap] = max(calls)
+    assert widest[0] == 1 and widest[2 * 16 * 16 * 4] == 2 and widest[1 << 30] >= 4
+    for cap in params:
+        for a, b in zip(params[0], params[cap]):
+            if method == "svd":
+                assert torch.equal(a, b)
+            else:
+                torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("cap", [0, 1 << 30])
 def test_failed_refresh_leaves_every_weight_untouched(monkeypatch, cap):
     """A refresh that raises part-way (here: the fourth compute_bases call) changes no basis, no weight and no
@@ -183,10 +217,12 @@ def test_failed_refresh_leaves_every_weight_untouched(monkeypatch, cap):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("task_basis", ["residual", "independent"])
-def test_cuda_batched_refresh_trains_like_one_by_one(monkeypatch, task_basis):
-    """On CUDA the optimizer refreshes every weight due at a step together (REFRESH_BATCH_BYTES): the same
-    training as refreshing them one by one, through the batched CholeskyQR and gesvda paths."""
+@pytest.mark.parametrize("task_basis,stash", [("residual", "full"), ("independent", "full"),
+                                             ("residual", "projected")])
+def test_cuda_batched_refresh_trains_like_one_by_one(monkeypatch, task_basis, stash):
+    """On CUDA the optimizer refreshes every weight due at a step together (REFRESH_BATCH_BYTES; in backward
+    with the projected stash): the same training as refreshing them one by one, through the batched
+    CholeskyQR and gesvda paths."""
     from gems import subspaces
 
     params = {}
@@ -194,7 +230,8 @@ def test_cuda_batched_refresh_trains_like_one_by_one(monkeypatch, task_basis):
         monkeypatch.setitem(subspaces.REFRESH_BATCH_BYTES, "cuda", cap)
         torch.manual_seed(75)
         model = SameShapesNet().cuda()
-        opt = make_opt(model, refresh="subspace_iter", task_basis=task_basis, update_proj_gap=2, backend="torch")
+        opt = make_opt(model, refresh="subspace_iter", task_basis=task_basis, update_proj_gap=2, backend="torch",
+                       stash=stash)
         for batch in task_batches(5, seed=76):
             losses = {t: torch.nn.functional.mse_loss(model(x.cuda()), y.cuda()) for t, (x, y) in batch.items()}
             opt.backward(losses)

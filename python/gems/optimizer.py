@@ -319,7 +319,8 @@ class GemsOptimizer(torch.optim.Optimizer):
 
         A targeted weight with bases is projected at once onto [B_sh, B_t] and only its coordinates are kept.
         A weight due for a refresh keeps the full gradients of the first T−1 tasks; when the last task's
-        gradient arrives its bases are refreshed from this call's gradients and all T are projected (with
+        gradient arrives its bases are refreshed from this call's gradients and all T are projected (on CUDA
+        together with other due weights, up to REFRESH_BATCH_BYTES, or after the last backward; with
         gradient accumulation the bases come from the first micro-batch of the step; under DDP the refresh
         waits for the step, where the gradients are averaged first). Other parameters keep full gradients."""
         stash = self._task_grads
@@ -331,6 +332,10 @@ class GemsOptimizer(torch.optim.Optimizer):
         # the full gradients wait for the step
         refresh_here = not distributed.should_sync(self.sync) and all(counts[t] > 0 for t in self.tasks)
         due = {k for k, w in by_id.items() if w.step >= w.next_refresh and k not in stash.refreshed}
+        # due weights whose last task gradient has arrived, refreshed together once REFRESH_BATCH_BYTES of them
+        # are collected (CUDA) or at once (CPU), as step() does
+        pending: list[tuple[RefreshJob, list[Tensor]]] = []
+        pending_bytes = 0
         held = {}
         for p in params:  # the user's own .grad (if any) is set aside, untouched
             held[id(p)] = p.grad
@@ -338,6 +343,7 @@ class GemsOptimizer(torch.optim.Optimizer):
         last_task = self.tasks[-1]
 
         def on_grad(p: Tensor, task: str) -> None:
+            nonlocal pending_bytes
             g, p.grad = p.grad, None
             w = by_id.get(id(p))
             if w is not None and id(p) in stash.nonfinite:
@@ -346,7 +352,13 @@ class GemsOptimizer(torch.optim.Optimizer):
                 stash.add_full(task, p, g)
             elif id(p) in due:
                 earlier = [stash.grads[t].pop(id(p), None) for t in self.tasks[:-1]]
-                self._refresh_in_backward(w, [*earlier, g], mix)
+                item = self._backward_refresh_job(w, [*earlier, g], mix)
+                if item is not None:
+                    pending.append(item)
+                    pending_bytes += item[0].nbytes()
+                    if pending_bytes >= batch_bytes(p.device):
+                        self._refresh_in_backward(pending)
+                        pending_bytes = 0
             else:
                 self._stash_projected(w, task, g)
 
@@ -359,6 +371,7 @@ class GemsOptimizer(torch.optim.Optimizer):
                     for h in handles:
                         h.remove()
                 stash.count(t, float(losses[t].detach()), counts[t])
+            self._refresh_in_backward(pending)
         finally:
             for p in params:
                 p.grad = held[id(p)]
@@ -377,21 +390,30 @@ class GemsOptimizer(torch.optim.Optimizer):
             g = nsp.project_gradient(g, w.protected, w.protect_side)
         return reference.project(g, self._task_bases(w, task), w.side)
 
-    def _refresh_in_backward(self, w: WeightSubspaces, grads: list[Tensor | None], mix: list[float]) -> None:
-        """Refresh ``w`` from this call's task gradients, then stash them projected."""
+    def _backward_refresh_job(self, w: WeightSubspaces, grads: list[Tensor | None],
+                              mix: list[float]) -> tuple[RefreshJob, list[Tensor]] | None:
+        """The refresh job of a due weight from this call's task gradients, and the gradients to project once
+        it is done (None for a non-finite gradient: the weight is skipped this step)."""
         grads = [g if g is not None else torch.zeros_like(w.param) for g in grads]
         if not all(_finite(g) for g in grads):
             self._task_grads.nonfinite.add(id(w.param))
-            return
+            return None
         used = grads
         if self.nullspace_mode == "gradient" and w.protected is not None:
             used = [nsp.project_gradient(g, w.protected, w.protect_side) for g in grads]
         shared = reference.shared_gradient(used, mix) if len(used) > 1 else used[0].float()
-        self._install(self._refresh([RefreshJob(w, shared, dict(zip(self.tasks, used)), self._generator(w))]))
-        del shared, used
-        self._task_grads.refreshed.add(id(w.param))
-        for t, g in zip(self.tasks, grads):
-            self._stash_projected(w, t, g)
+        return RefreshJob(w, shared, dict(zip(self.tasks, used)), self._generator(w)), grads
+
+    def _refresh_in_backward(self, pending: list[tuple[RefreshJob, list[Tensor]]]) -> None:
+        """Refresh the pending weights together, then stash their gradients projected; empties ``pending``."""
+        jobs = [job for job, _ in pending]
+        todo = [(job.w, grads) for job, grads in pending]
+        pending.clear()
+        self._install(self._refresh(jobs))  # _refresh empties jobs: the shared gradients are freed here
+        for w, grads in todo:
+            self._task_grads.refreshed.add(id(w.param))
+            for t, g in zip(self.tasks, grads):
+                self._stash_projected(w, t, g)
 
     def _task_bases(self, w: WeightSubspaces, task: str) -> Tensor:
         """[B_sh, B_t] (work bases): one projection gives the shared and the task coordinates."""

@@ -2,6 +2,7 @@
 
     python benches/bench_refresh.py            # full: shapes up to 4096×4096 (CPU: several minutes)
     python benches/bench_refresh.py --quick    # 576×1536, 576×576 (real), 2048×2048: ~2–4 min on 2 cores
+    python benches/bench_refresh.py --no-real --shapes 4096x4096 --device cuda   # one synthetic shape
 
 For every matrix and rank it measures, side by side in one process:
 - time (median of repeats, warm-up excluded) and the speed-up against ``torch.linalg.svd`` on the same matrix;
@@ -49,6 +50,7 @@ RANKS = (64, 128, 256, 512)
 # and for matrices of up to 10⁶ entries, where a single call is latency-bound.
 BATCH = 30
 REAL_LAYERS = (2, 15, 28)
+SYNTHETIC_SEEDS = {(576, 1536): 0, (2048, 2048): 1, (4096, 4096): 2}
 GRAD_CACHE_VERSION = 1
 
 
@@ -215,6 +217,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="skip 4096×4096 and use fewer repeats")
     ap.add_argument("--no-real", action="store_true", help="synthetic matrices only (no model load)")
+    ap.add_argument("--shapes", default=None,
+                    help="synthetic shapes, comma-separated MxN (default: 576x1536,2048x2048, plus 4096x4096 "
+                         "without --quick)")
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads (default: torch's). 1 gives stable ratios when the cores are shared")
@@ -236,9 +241,12 @@ def main() -> None:
             peers = [x for other, pair in real.items() if other != name for x in pair if x.shape == g.shape]
             bench_case("real", name, g, g_prev, RANKS, repeats, rows, args.device, peers)
     shapes = [(576, 1536), (2048, 2048)] + ([] if args.quick else [(4096, 4096)])
-    for i, (m, n) in enumerate(shapes):
+    if args.shapes:
+        shapes = [tuple(int(x) for x in shape.lower().split("x")) for shape in args.shapes.split(",")]
+    for m, n in shapes:
+        seed = SYNTHETIC_SEEDS.get((m, n), m * 10007 + n)  # a shape gets the same matrix whatever else runs
         for alpha in (1.0, 0.5):  # 1.0: like the real gradients' spectra; 0.5: a flat-spectrum stress case
-            g, g_prev = synthetic_pair(m, n, seed=i, alpha=alpha)
+            g, g_prev = synthetic_pair(m, n, seed=seed, alpha=alpha)
             bench_case(f"synthetic a={alpha}", f"powerlaw{alpha}", g, g_prev, RANKS, repeats if m < 4096 else 2, rows,
                        args.device)
     elapsed = time.perf_counter() - start
@@ -249,6 +257,7 @@ def main() -> None:
     print(f"\n# target check: rank 128, >= {target}x vs svd with >= 99% energy (every matrix of the group)")
     print_table(target_check(rows, target))
     cmd = "python benches/bench_refresh.py" + (" --quick" if args.quick else "") + (" --no-real" if args.no_real else "")
+    cmd += f" --shapes {args.shapes}" if args.shapes else ""
     cmd += f" --threads {args.threads}" if args.threads else ""
     cmd += f" --device {args.device}" if args.device != "cpu" else ""
     stem = Path(args.out) if args.out else RESULTS_DIR / f"refresh_{torch.device(args.device).type}"

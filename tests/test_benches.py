@@ -93,3 +93,23 @@ def test_bitsandbytes_shim_lets_the_baselines_import_and_step():
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(BENCHES / "bnb_shim"), os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_refresh_bench_one_small_synthetic_shape(tmp_path):
+    """bench_refresh.py end to end on one small synthetic shape (--shapes): svd and every engine are timed,
+    energies come out as fractions of the exact top-r energy, and the CSV/markdown tables are written."""
+    import csv
+    import subprocess
+
+    out = tmp_path / "refresh"
+    proc = subprocess.run([sys.executable, str(BENCHES / "bench_refresh.py"), "--no-real", "--shapes", "130x200",
+                           "--repeats", "1", "--threads", "1", "--out", str(out)],
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = list(csv.DictReader(open(out.with_suffix(".csv"))))
+    assert {r["shape"] for r in rows} == {"130x200"} and {r["rank"] for r in rows} == {"64", "128"}
+    assert {r["source"] for r in rows} == {"synthetic a=1.0", "synthetic a=0.5"}
+    assert {"svd", "subspace_iter cold", "subspace_iter warm", "randomized"} <= {r["method"] for r in rows}
+    for r in rows:
+        assert 0.9 <= float(r["energy"]) <= 1 + 1e-4 and float(r["time_ms"]) > 0
+    assert "--shapes 130x200" in out.with_suffix(".md").read_text()

@@ -640,12 +640,33 @@ def test_optimizer_backend_triton_matches_torch(launch_counts, with_nullspace):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
+def _train_two_tasks(backend, sizes, steps=6, **opt_kw):
+    """An MLP of ``sizes`` (tanh between layers) trained ``steps`` GEMS steps on two regression tasks, on DEV;
+    returns the optimizer and the final parameters."""
+    import gems
+
+    torch.manual_seed(0)
+    layers = []
+    for d_in, d_out in zip(sizes[:-1], sizes[1:]):
+        layers += [torch.nn.Linear(d_in, d_out), torch.nn.Tanh()]
+    model = torch.nn.Sequential(*layers[:-1]).to(DEV)
+    inner = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01)
+    opt = gems.GemsOptimizer(inner, model=model, tasks=["a", "b"], rank=6, task_rank=3, update_proj_gap=4,
+                             backend=backend, **opt_kw)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        xa, xb = (torch.randn(8, sizes[0], generator=gen).to(DEV) for _ in range(2))
+        opt.backward({"a": model(xa).pow(2).mean(), "b": (model(xb) - 1).pow(2).mean()})
+        opt.step()
+        opt.zero_grad()
+    return opt, [p.detach().clone() for p in model.parameters()]
+
+
 @pytest.mark.filterwarnings("ignore:GEMS ranks clamped")
 @pytest.mark.parametrize("stash", ["full", "projected"])
 def test_auto_backend_runs_large_weights_on_torch(monkeypatch, stash):
     """backend="auto" resolved to Triton steps the weights above AUTO_TRITON_MAX_WORK with the torch path and
     the others with the kernels, in one optimizer step, and trains like backend="torch"."""
-    import gems
     from gems import dispatch, optimizer
 
     launched = []
@@ -660,19 +681,7 @@ def test_auto_backend_runs_large_weights_on_torch(monkeypatch, stash):
         monkeypatch.setattr(gk, name, recording)
 
     def run(backend):
-        torch.manual_seed(0)
-        model = torch.nn.Sequential(torch.nn.Linear(24, 40), torch.nn.Tanh(), torch.nn.Linear(40, 16),
-                                    torch.nn.Tanh(), torch.nn.Linear(16, 4)).to(DEV)
-        inner = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01)
-        opt = gems.GemsOptimizer(inner, model=model, tasks=["a", "b"], rank=6, task_rank=3, update_proj_gap=4,
-                                 backend=backend, target_modules=None, stash=stash)
-        gen = torch.Generator().manual_seed(1)
-        for _ in range(6):
-            xa, xb = (torch.randn(8, 24, generator=gen).to(DEV) for _ in range(2))
-            opt.backward({"a": model(xa).pow(2).mean(), "b": (model(xb) - 1).pow(2).mean()})
-            opt.step()
-            opt.zero_grad()
-        return opt, [p.detach().clone() for p in model.parameters()]
+        return _train_two_tasks(backend, (24, 40, 16, 4), target_modules=None, stash=stash)
 
     _, ref = run("torch")
     # auto as on a GPU without a prebuilt CUDA extension; the 40×24 weight (work 40·24·12) is over the limit
@@ -692,23 +701,10 @@ def test_auto_backend_runs_large_weights_on_torch(monkeypatch, stash):
 def test_projected_stash_with_triton_backend_uses_the_back_projection_kernel(launch_counts):
     """stash="projected" has no full gradients for the fused projection kernel: the inner optimizer steps the
     coordinates and the Triton back-projection writes the weights, matching the torch backend."""
-    import gems
-
     calls = launch_counts
 
     def run(backend):
-        torch.manual_seed(0)
-        model = torch.nn.Sequential(torch.nn.Linear(24, 40), torch.nn.Tanh(), torch.nn.Linear(40, 4)).to(DEV)
-        inner = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01)
-        opt = gems.GemsOptimizer(inner, model=model, tasks=["a", "b"], rank=6, task_rank=3, update_proj_gap=4,
-                                 backend=backend, stash="projected", refresh_schedule="staggered")
-        gen = torch.Generator().manual_seed(1)
-        for _ in range(6):
-            xa, xb = (torch.randn(8, 24, generator=gen).to(DEV) for _ in range(2))
-            opt.backward({"a": model(xa).pow(2).mean(), "b": (model(xb) - 1).pow(2).mean()})
-            opt.step()
-            opt.zero_grad()
-        return [p.detach().clone() for p in model.parameters()]
+        return _train_two_tasks(backend, (24, 40, 4), stash="projected", refresh_schedule="staggered")[1]
 
     ref = run("torch")
     out = run("triton")

@@ -10,6 +10,11 @@
 - dominant direction: how much of the energy in directions 2..r the refresh captures when σ₁ is spiked
   100× over an α = 0.5 spectrum (576×1536, rank 128), with the start block orthonormalised (the engine)
   and with unit-scaled columns instead (the variant that was reverted);
+- CPU refresh breakdown (576×1536, rank 128, k = 160 columns, the real L15.down_proj gradient of
+  bench_refresh.py): where a subspace_iter call's time goes (the two GEMMs, the QRs, the small SVD, the
+  sketch) next to torch.linalg.svd, the same GEMMs on bf16 operands, and two cheaper variants that were
+  measured and not adopted: one GEMM (A·AᵀΨ from a hashed Ψ, σ² weighting) and a fp64 Gram/eigh
+  extraction instead of QR + SVD of R;
 - CUDA only: the small k×k SVD (k = 160) with each cuSOLVER driver, the 576×160 QR, and a whole
   compute_basis with CUDA_SMALL_SVD_DRIVER = None vs "gesvda" (time, energy, orthonormality); the same small
   steps on a stack of 30 (which calls are really batched) and compute_bases on 30 weights vs one; the CUDA
@@ -110,6 +115,62 @@ def dominant_direction() -> None:
             torch.linalg.qr = real_qr
         out.append(f"{label} {float((b.double().T @ rest).pow(2).sum()) / exact:.1%}")
     print("energy of directions 2..r, sigma1 x100, alpha 0.5, 576x1536 r128: " + "; ".join(out))
+
+
+def cpu_refresh_breakdown() -> None:
+    from bench_refresh import energy, real_gradients
+
+    g = real_gradients()["L15.down_proj"][0]
+    r, k = 128, 160
+    a = g.unsqueeze(0)
+    q = torch.linalg.qr(torch.randn(576, k, generator=torch.Generator().manual_seed(0))).Q.unsqueeze(0)
+    z = a.transpose(-2, -1) @ q
+    y = a @ z
+    rr = torch.linalg.qr(y).R
+    ab, qb, zb = a.bfloat16(), q.bfloat16(), z.bfloat16()
+    gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    parts = {
+        "torch.linalg.svd": ms(lambda: torch.linalg.svd(g, full_matrices=False), n=5),
+        "compute_basis subspace_iter": ms(lambda: refresh.compute_basis(g, r, "left", method="subspace_iter",
+                                                                         generator=gen())),
+        "sketch A·Omega": ms(lambda: refresh._sketch(a, k, [gen()])),
+        "QR 576x160": ms(lambda: torch.linalg.qr(y)),
+        "GEMM A^T·Q": ms(lambda: a.transpose(-2, -1) @ q),
+        "GEMM A·Z": ms(lambda: a @ z),
+        "SVD of R 160x160": ms(lambda: torch.linalg.svd(rr)),
+        "GEMM A^T·Q bf16": ms(lambda: ab.transpose(-2, -1) @ qb),
+        "GEMM A·Z bf16": ms(lambda: ab @ zb),
+    }
+    print("refresh breakdown, L15.down_proj 576x1536 r128 (ms): "
+          + "; ".join(f"{name} {t:.2f}" for name, t in parts.items()))
+
+    exact = energy(g, torch.linalg.svd(g, full_matrices=False).U[:, :r], "left")
+
+    def one_gemm():  # σ² weighting from one GEMM: Y = A·(AᵀΨ), Ψ a hashed sketch of A's rows
+        zt = refresh._sketch(a.transpose(-2, -1), k, [gen()])
+        qy, ry = torch.linalg.qr(a @ zt)
+        return qy[0] @ torch.linalg.svd(ry[0]).U[:, :r]
+
+    def power_step():  # the engine's arithmetic without its checks: sketch, QR, two GEMMs
+        y0 = refresh._sketch(a, k, [gen()])
+        return a @ (a.transpose(-2, -1) @ torch.linalg.qr(y0).Q)
+
+    def qr_extraction():  # bare engine: QR of Y and SVD of its R factor
+        qy, ry = torch.linalg.qr(power_step())
+        return qy[0] @ torch.linalg.svd(ry[0]).U[:, :r]
+
+    def gram_extraction():  # the same with an fp64 Gram matrix and eigh instead (needs a fallback when
+        y64 = power_step()[0].double()  # λ_r/λ_1 nears fp64 precision, e.g. a dominant σ₁)
+        lam, v = torch.linalg.eigh(y64.T @ y64)
+        return (y64 @ (v[:, -r:] / lam[-r:].sqrt())).float()
+
+    base = refresh.compute_basis(g, r, "left", method="subspace_iter", generator=gen())
+    out = [f"engine {ms(lambda: refresh.compute_basis(g, r, 'left', method='subspace_iter', generator=gen())):.2f} ms "
+           f"{energy(g, base, 'left') / exact:.4f}"]
+    for label, fn in (("one GEMM", one_gemm), ("bare engine, QR + SVD of R", qr_extraction),
+                      ("bare engine, fp64 Gram + eigh", gram_extraction)):
+        out.append(f"{label} {ms(fn):.2f} ms {energy(g, fn(), 'left') / exact:.4f}")
+    print("variants, L15.down_proj r128 (time, energy vs exact top-r): " + "; ".join(out))
 
 
 def cuda_small_svd() -> None:
@@ -224,6 +285,7 @@ def main() -> None:
         finite_check()
         gems_step()
         dominant_direction()
+        cpu_refresh_breakdown()
     if torch.device(args.device).type == "cuda":
         cuda_small_svd()
         cuda_batched()

@@ -242,7 +242,7 @@ def main() -> None:
             bench_case("real", name, g, g_prev, RANKS, repeats, rows, args.device, peers)
     shapes = [(576, 1536), (2048, 2048)] + ([] if args.quick else [(4096, 4096)])
     if args.shapes:
-        shapes = [tuple(int(x) for x in shape.lower().split("x")) for shape in args.shapes.split(",")]
+        shapes = [tuple(int(x) for x in shape.lower().split("x")) for shape in args.shapes.split(",") if shape.strip()]
     for m, n in shapes:
         seed = SYNTHETIC_SEEDS.get((m, n), m * 10007 + n)  # a shape gets the same matrix whatever else runs
         for alpha in (1.0, 0.5):  # 1.0: like the real gradients' spectra; 0.5: a flat-spectrum stress case
@@ -258,13 +258,15 @@ def main() -> None:
     print_table(target_check(rows, target))
     cmd = "python benches/bench_refresh.py" + (" --quick" if args.quick else "") + (" --no-real" if args.no_real else "")
     cmd += f" --shapes {args.shapes}" if args.shapes else ""
+    cmd += f" --out {args.out}" if args.out else ""
     cmd += f" --threads {args.threads}" if args.threads else ""
     cmd += f" --device {args.device}" if args.device != "cpu" else ""
     stem = Path(args.out) if args.out else RESULTS_DIR / f"refresh_{torch.device(args.device).type}"
     write_csv(stem.with_suffix(".csv"), rows, COLUMNS)
     preamble = (
         f"Machine: {machine}.  \nCommand: `{cmd}` ({elapsed:.0f} s). Times are medians of {repeats} runs (15 for "
-        "matrices of up to 10⁶ entries) after a "
+        "matrices of up to 10⁶ entries, 2 from 4096×4096 on; svd stops repeating once its timed runs pass 20 s) "
+        "after a "
         "warm-up, fp32; each method was timed right after `torch.linalg.svd` on the same matrix, so the "
         "speed-up ratios are side by side (absolute times are noisy: the cores were shared with other jobs).  \n"
         "energy = captured gradient energy as a fraction of the exact top-r energy; max_angle_deg = largest "

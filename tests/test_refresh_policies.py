@@ -118,7 +118,9 @@ def test_batched_refresh_across_weights_matches_one_by_one(monkeypatch, method, 
 
     monkeypatch.setattr(subspaces, "compute_bases", recording)
     params, widest = {}, {}
-    for cap in (0, 2 * 16 * 16 * 4, 1 << 30):  # one by one, two weights per batch, everything at once
+    # two 16×16 weights' gradients: the shared one (step), or the shared one and both tasks' (backward)
+    two = 2 * 16 * 16 * 4 * (3 if stash == "projected" else 1)
+    for cap in (0, two, 1 << 30):  # one by one, two weights per batch, everything at once
         monkeypatch.setitem(subspaces.REFRESH_BATCH_BYTES, "cpu", cap)
         calls.clear()
         torch.manual_seed(70)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import threading
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
@@ -54,6 +55,13 @@ def _finite(t: Tensor) -> bool:
     if t.numel() == 0 or bool(torch.isfinite(_norm(t))):
         return True
     return bool(torch.isfinite(torch.linalg.vector_norm(t, ord=float("inf"))))
+
+
+def _held_bytes(job: RefreshJob, grads: list[Tensor]) -> int:
+    """Bytes of gradients a pending backward refresh keeps alive: the shared gradient, the task gradients and
+    any projected copies of them (nullspace_mode="gradient")."""
+    held = {id(t): t for t in (job.shared, *job.tasks.values(), *grads)}
+    return sum(t.numel() * t.element_size() for t in held.values())
 
 
 def _read_scalars(values: list[Tensor]) -> list[float]:
@@ -320,7 +328,8 @@ class GemsOptimizer(torch.optim.Optimizer):
         A targeted weight with bases is projected at once onto [B_sh, B_t] and only its coordinates are kept.
         A weight due for a refresh keeps the full gradients of the first T−1 tasks; when the last task's
         gradient arrives its bases are refreshed from this call's gradients and all T are projected (on CUDA
-        together with other due weights, up to REFRESH_BATCH_BYTES, or after the last backward; with
+        together with other due weights, up to REFRESH_BATCH_BYTES, or after the last backward: a refresh that
+        raises there leaves the batches before it refreshed, and the call must be redone after zero_grad; with
         gradient accumulation the bases come from the first micro-batch of the step; under DDP the refresh
         waits for the step, where the gradients are averaged first). Other parameters keep full gradients."""
         stash = self._task_grads
@@ -332,10 +341,12 @@ class GemsOptimizer(torch.optim.Optimizer):
         # the full gradients wait for the step
         refresh_here = not distributed.should_sync(self.sync) and all(counts[t] > 0 for t in self.tasks)
         due = {k for k, w in by_id.items() if w.step >= w.next_refresh and k not in stash.refreshed}
-        # due weights whose last task gradient has arrived, refreshed together once REFRESH_BATCH_BYTES of them
-        # are collected (CUDA) or at once (CPU), as step() does
+        # due weights whose last task gradient has arrived, refreshed together once they hold REFRESH_BATCH_BYTES
+        # of gradients (CUDA) or at once (CPU), as step() does; autograd runs the hooks of each device on its
+        # own thread, hence the lock
         pending: list[tuple[RefreshJob, list[Tensor]]] = []
         pending_bytes = 0
+        lock = threading.Lock()
         held = {}
         for p in params:  # the user's own .grad (if any) is set aside, untouched
             held[id(p)] = p.grad
@@ -354,11 +365,12 @@ class GemsOptimizer(torch.optim.Optimizer):
                 earlier = [stash.grads[t].pop(id(p), None) for t in self.tasks[:-1]]
                 item = self._backward_refresh_job(w, [*earlier, g], mix)
                 if item is not None:
-                    pending.append(item)
-                    pending_bytes += item[0].nbytes()
-                    if pending_bytes >= batch_bytes(p.device):
-                        self._refresh_in_backward(pending)
-                        pending_bytes = 0
+                    with lock:
+                        pending.append(item)
+                        pending_bytes += _held_bytes(*item)
+                        if pending_bytes >= batch_bytes(p.device):
+                            self._refresh_in_backward(pending)
+                            pending_bytes = 0
             else:
                 self._stash_projected(w, task, g)
 

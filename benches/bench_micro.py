@@ -12,9 +12,9 @@
   and with unit-scaled columns instead (the variant that was reverted);
 - CPU refresh breakdown (576×1536, rank 128, k = 160 columns, the real L15.down_proj gradient of
   bench_refresh.py): where a subspace_iter call's time goes (the two GEMMs, the QRs, the small SVD, the
-  sketch) next to torch.linalg.svd, the same GEMMs on bf16 operands, and two cheaper variants that were
-  measured and not adopted: one GEMM (A·AᵀΨ from a hashed Ψ, σ² weighting) and a fp64 Gram/eigh
-  extraction instead of QR + SVD of R;
+  sketch) next to torch.linalg.svd, the same GEMMs on bf16 operands, and cheaper variants that were
+  measured and not adopted: one GEMM (A·AᵀΨ from a hashed Ψ, σ² weighting; 160 and 192 columns) and an
+  fp64 Gram/eigh extraction instead of QR + SVD of R;
 - CUDA only: the small k×k SVD (k = 160) with each cuSOLVER driver, the 576×160 QR, and a whole
   compute_basis with CUDA_SMALL_SVD_DRIVER = None vs "gesvda" (time, energy, orthonormality); the same small
   steps on a stack of 30 (which calls are really batched) and compute_bases on 30 weights vs one; the CUDA
@@ -146,8 +146,8 @@ def cpu_refresh_breakdown() -> None:
 
     exact = energy(g, torch.linalg.svd(g, full_matrices=False).U[:, :r], "left")
 
-    def one_gemm():  # σ² weighting from one GEMM: Y = A·(AᵀΨ), Ψ a hashed sketch of A's rows
-        zt = refresh._sketch(a.transpose(-2, -1), k, [gen()])
+    def one_gemm(width=k):  # σ² weighting from one GEMM: Y = A·(AᵀΨ), Ψ a hashed sketch of A's rows
+        zt = refresh._sketch(a.transpose(-2, -1), width, [gen()])
         qy, ry = torch.linalg.qr(a @ zt)
         return qy[0] @ torch.linalg.svd(ry[0]).U[:, :r]
 
@@ -167,7 +167,8 @@ def cpu_refresh_breakdown() -> None:
     base = refresh.compute_basis(g, r, "left", method="subspace_iter", generator=gen())
     out = [f"engine {ms(lambda: refresh.compute_basis(g, r, 'left', method='subspace_iter', generator=gen())):.2f} ms "
            f"{energy(g, base, 'left') / exact:.4f}"]
-    for label, fn in (("one GEMM", one_gemm), ("bare engine, QR + SVD of R", qr_extraction),
+    for label, fn in (("one GEMM", one_gemm), ("one GEMM, k = 192", lambda: one_gemm(192)),
+                      ("bare engine, QR + SVD of R", qr_extraction),
                       ("bare engine, fp64 Gram + eigh", gram_extraction)):
         out.append(f"{label} {ms(fn):.2f} ms {energy(g, fn(), 'left') / exact:.4f}")
     print("variants, L15.down_proj r128 (time, energy vs exact top-r): " + "; ".join(out))

@@ -37,5 +37,17 @@ def test_auto_keeps_large_weights_off_triton():
     assert dispatch.auto_backend_for("triton", small, torch.bfloat16, 1024) == "triton"
     assert dispatch.auto_backend_for("triton", (2048, 2048), torch.bfloat16, 512) == "torch"
     assert dispatch.auto_backend_for("triton", large, torch.float16, 128) == "torch"
-    for preferred in ("cuda", "torch"):
-        assert dispatch.auto_backend_for(preferred, large, torch.float32, 1024) == preferred
+    assert dispatch.auto_backend_for("torch", large, torch.bfloat16, 1024) == "torch"
+
+
+def test_auto_keeps_half_precision_high_rank_weights_off_cuda():
+    """With the prebuilt CUDA extension, "auto" keeps it for every fp32 weight and for bf16/fp16 weights below
+    the measured (total rank, m·n) corners: R ≥ 1024, or R ≥ 512 on 4096²-sized weights and larger."""
+    import torch
+
+    for shape in ((576, 1536), (4096, 11008)):
+        assert dispatch.auto_backend_for("cuda", shape, torch.float32, 1024) == "cuda"
+        assert dispatch.auto_backend_for("cuda", shape, torch.bfloat16, 128) == "cuda"
+        assert dispatch.auto_backend_for("cuda", shape, torch.float16, 1024) == "torch"
+    assert dispatch.auto_backend_for("cuda", (2048, 2048), torch.bfloat16, 512) == "cuda"
+    assert dispatch.auto_backend_for("cuda", (4096, 4096), torch.bfloat16, 512) == "torch"

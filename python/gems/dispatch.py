@@ -19,9 +19,13 @@ BACKENDS = ("auto", "torch", "triton", "cuda")
 # subspaces). H100, `python benches/bench_step.py` (benches/results/bench_step_nvidia_h100_80gb_hbm3.csv),
 # Triton / torch time, two tasks: fp32 0.77 and 0.93 at m·n·R = 1.1e8 and 4.5e8 (576×1536), 1.3–5.1× from
 # 5.4e8 (2048², 4096², 4096×11008); bf16 0.23–0.88 up to 9.1e8 (576×1536, 2048² at R = 128), 1.2–7× from
-# 2.1e9. (The prebuilt CUDA extension was as fast as torch or faster in fp32 at every measured shape and
-# stays on everywhere.)
+# 2.1e9.
 AUTO_TRITON_MAX_WORK = {torch.float32: 5e8, torch.bfloat16: 1e9, torch.float16: 1e9}
+# backend="auto" with the prebuilt CUDA extension: in fp32 it was as fast as torch or faster at every measured
+# shape (0.47–1.01× torch's time); in bf16 it was slower from a total rank R of 1024 (1.49–2.21×, every
+# shape) and at R = 512 on weights of 4096² and more (1.35–1.44×), faster below (0.33–0.86×, up to 2048² at
+# R = 512). Half-precision weights at or beyond one of these (R, m·n) corners take the torch path.
+AUTO_CUDA_HALF_TORCH_FROM = ((1024, 0), (512, 8e6))
 
 
 def _probe(name: str) -> tuple[bool, str]:
@@ -75,8 +79,13 @@ def resolve_backend(requested: str | None, *, device_type: str) -> str:
 
 def auto_backend_for(preferred: str, shape: Sequence[int], dtype: torch.dtype, total_rank: int) -> str:
     """Under backend="auto": the backend for one weight of ``shape`` and ``dtype`` whose subspaces have
-    ``total_rank`` columns in all, given the resolved ``preferred`` one (see AUTO_TRITON_MAX_WORK)."""
-    if preferred != "triton":
-        return preferred
-    limit = AUTO_TRITON_MAX_WORK.get(dtype, AUTO_TRITON_MAX_WORK[torch.float32])
-    return "triton" if shape[0] * shape[1] * total_rank <= limit else "torch"
+    ``total_rank`` columns in all, given the resolved ``preferred`` one (see AUTO_TRITON_MAX_WORK and
+    AUTO_CUDA_HALF_TORCH_FROM)."""
+    entries = shape[0] * shape[1]
+    if preferred == "triton":
+        limit = AUTO_TRITON_MAX_WORK.get(dtype, AUTO_TRITON_MAX_WORK[torch.float32])
+        return "triton" if entries * total_rank <= limit else "torch"
+    if preferred == "cuda" and dtype in (torch.bfloat16, torch.float16):
+        if any(total_rank >= r and entries >= mn for r, mn in AUTO_CUDA_HALF_TORCH_FROM):
+            return "torch"
+    return preferred

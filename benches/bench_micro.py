@@ -146,18 +146,19 @@ def cpu_refresh_breakdown() -> None:
 
     exact = energy(g, torch.linalg.svd(g, full_matrices=False).U[:, :r], "left")
 
-    def one_gemm(width=k):  # σ² weighting from one GEMM: Y = A·(AᵀΨ), Ψ a hashed sketch of A's rows
-        zt = refresh._sketch(a.transpose(-2, -1), width, [gen()])
-        qy, ry = torch.linalg.qr(a @ zt)
+    def extract(y):  # the engine's extraction: QR of Y and the SVD of its R factor
+        qy, ry = torch.linalg.qr(y)
         return qy[0] @ torch.linalg.svd(ry[0]).U[:, :r]
+
+    def one_gemm(width=k):  # σ² weighting from one GEMM: Y = A·(AᵀΨ), Ψ a hashed sketch of A's rows
+        return extract(a @ refresh._sketch(a.transpose(-2, -1), width, [gen()]))
 
     def power_step():  # the engine's arithmetic without its checks: sketch, QR, two GEMMs
         y0 = refresh._sketch(a, k, [gen()])
         return a @ (a.transpose(-2, -1) @ torch.linalg.qr(y0).Q)
 
-    def qr_extraction():  # bare engine: QR of Y and SVD of its R factor
-        qy, ry = torch.linalg.qr(power_step())
-        return qy[0] @ torch.linalg.svd(ry[0]).U[:, :r]
+    def qr_extraction():  # bare engine
+        return extract(power_step())
 
     def gram_extraction():  # the same with an fp64 Gram matrix and eigh instead (needs a fallback when
         y64 = power_step()[0].double()  # λ_r/λ_1 nears fp64 precision, e.g. a dominant σ₁)
@@ -165,8 +166,7 @@ def cpu_refresh_breakdown() -> None:
         return (y64 @ (v[:, -r:] / lam[-r:].sqrt())).float()
 
     base = refresh.compute_basis(g, r, "left", method="subspace_iter", generator=gen())
-    out = [f"engine {ms(lambda: refresh.compute_basis(g, r, 'left', method='subspace_iter', generator=gen())):.2f} ms "
-           f"{energy(g, base, 'left') / exact:.4f}"]
+    out = [f"engine {parts['compute_basis subspace_iter']:.2f} ms {energy(g, base, 'left') / exact:.4f}"]
     for label, fn in (("one GEMM", one_gemm), ("one GEMM, k = 192", lambda: one_gemm(192)),
                       ("bare engine, QR + SVD of R", qr_extraction),
                       ("bare engine, fp64 Gram + eigh", gram_extraction)):

@@ -621,11 +621,13 @@ class GemsOptimizer(torch.optim.Optimizer):
                 skipped.append(self._plain_name(p))
                 p.grad = None
         if self._fused_adam():
-            fused = [item for item in work if self._backend_for(item[0]) != "torch"]
+            fused, rest = [], []
+            for item in work:
+                (rest if self._backend_for(item[0]) == "torch" else fused).append(item)
             deltas = self._fused_project_adam(fused, shared_w)
             # the other weights (backend="auto" keeps large ones on torch) and the non-targeted parameters;
             # the fused weights' coordinates have no gradient and are skipped
-            deltas.update(self._inner_step([item for item in work if self._backend_for(item[0]) == "torch"]))
+            deltas.update(self._inner_step(rest))
         else:
             deltas = self._inner_step(work)
         self._write_updates(work, deltas, gates)

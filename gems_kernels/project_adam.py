@@ -246,16 +246,10 @@ def project_adam(
                     writeback.append((x, xc))
                 lst[k][s] = xc
 
-    # δ: one buffer, each δ_ks a contiguous view (row-major coordinates)
-    sizes = [coord[s][0] * coord[s][1] for s in range(S)]
-    buf = torch.empty((K, sum(sizes)), dtype=torch.float32, device=device)
-    deltas = []
-    for k in range(K):
-        views, off = [], 0
-        for s in range(S):
-            views.append(buf[k, off:off + sizes[s]].view(coord[s]))
-            off += sizes[s]
-        deltas.append(views)
+    # δ: one buffer per subspace, δ_ks its k-th contiguous (row-major) slice; one unbind per subspace instead of
+    # K·S slicing ops (the step is host-bound at small shapes: `python benches/bench_overhead.py`)
+    per_sub = [torch.empty((K, *coord[s]), dtype=torch.float32, device=device).unbind(0) for s in range(S)]
+    deltas = [[per_sub[s][k] for s in range(S)] for k in range(K)]
 
     C = N if side == "left" else M
     if U.INTERPRET:

@@ -30,6 +30,19 @@ def test_derived_shared_gradient_equals_mixed_batch_gradient():
         torch.testing.assert_close(derived, e, rtol=1e-5, atol=1e-7)
 
 
+def test_batched_shared_gradients_equal_the_reference():
+    """_shared_gradients (one foreach op per task) gives reference.shared_gradient bit for bit, per dtype."""
+    from gems.optimizer import _shared_gradients
+
+    g = torch.Generator().manual_seed(0)
+    weights = [0.3, 0.7]
+    grads = [[torch.randn(5, 7, generator=g).to(dt) for _ in weights]
+             for dt in (torch.float32, torch.bfloat16, torch.float64, torch.float32)]
+    for got, per_task in zip(_shared_gradients(grads, weights), grads):
+        want = reference.shared_gradient(per_task, weights)
+        assert got.dtype == want.dtype and torch.equal(got, want)
+
+
 def test_non_targeted_params_get_the_shared_gradient():
     model = make_model(2)
     opt = make_opt(model)
@@ -253,6 +266,41 @@ def test_non_finite_gradient_skips_that_weight_and_leaves_state_untouched():
         after = opt.inner.state[c]
         assert torch.equal(before["exp_avg"], after["exp_avg"]) and torch.equal(before["step"], after["step"])
     assert not torch.equal(model.inp.weight, params["inp.weight"])  # the finite weights still moved
+
+
+def test_non_finite_gradient_of_a_non_targeted_parameter_skips_it_alone():
+    """The plain parameters' finiteness is read back with the targeted weights' norms (one transfer): a NaN
+    in the norm's gradient skips that parameter, its inner state untouched, and everything else still steps."""
+    model = make_model(18)
+    opt = make_opt(model)
+    train(model, opt, task_batches(2, seed=18))
+    norm_w, mid_w = model.norm.weight.detach().clone(), model.mid.weight.detach().clone()
+    state = copy.deepcopy(opt.inner.state[model.norm.weight])
+    losses = task_losses(model, task_batches(1, seed=19)[0])
+    losses["b"] = losses["b"] + float("nan") * model.norm.weight.sum()
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        opt.backward(losses)
+        opt.step()
+    assert len(opt.last_skipped) == 1 and opt.last_skipped[0].endswith(f"{tuple(model.norm.weight.shape)}")
+    assert torch.equal(model.norm.weight, norm_w)
+    assert all(torch.equal(v, state[k]) for k, v in opt.inner.state[model.norm.weight].items())
+    assert not torch.equal(model.mid.weight, mid_w)
+
+
+def test_batched_norms_equal_one_norm_per_tensor():
+    """_norms (one multi-tensor reduction per device and dtype) gives what _norm gives tensor by tensor, for
+    mixed dtypes, non-contiguous, empty and overflowing tensors, and _read_scalars reads them back exactly."""
+    from gems.optimizer import _norm, _norms, _read_scalars
+
+    g = torch.Generator().manual_seed(0)
+    ts = [torch.randn(57, 153, generator=g), torch.randn(64, dtype=torch.float64, generator=g),
+          torch.randn(30, 20, generator=g).to(torch.bfloat16), torch.randn(20, 30, generator=g).T, torch.zeros(0),
+          torch.randn(7, generator=g) * 1e30]
+    got, want = _norms(ts), [_norm(t) for t in ts]
+    for a, b in zip(got, want):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+    assert _read_scalars(got) == [float(b) for b in want]
+    assert math.isinf(_read_scalars(got)[-1])
 
 
 def test_task_without_gradient_for_a_weight_is_treated_as_zero():

@@ -638,6 +638,10 @@ def test_optimizer_backend_triton_matches_torch(launch_counts, with_nullspace):
     assert calls["project_adam"] >= 10 and calls["back_project_update"] >= 10
     for a, b in zip(out, ref):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    # the fused step keeps the inner optimizer's step counters (batched increment) as torch.optim would
+    for wt, wk in zip(opt_t.subspaces, opt_k.subspaces):
+        for s in wt.subspaces():
+            assert torch.equal(opt_k.inner.state[wk.coords[s]]["step"], opt_t.inner.state[wt.coords[s]]["step"])
 
 
 def _train_two_tasks(backend, sizes, steps=6, **opt_kw):

@@ -46,6 +46,37 @@ def _norm(t: Tensor) -> Tensor:
     return torch.linalg.vector_norm(t, dtype=torch.float64 if t.dtype == torch.float64 else torch.float32)
 
 
+def _norms(tensors: list[Tensor]) -> list[Tensor]:
+    """``_norm`` of each tensor, with one multi-tensor reduction per (device, dtype) instead of one launch per
+    tensor (per-tensor reductions are ~900 launches per SmolLM2 step: `python benches/bench_overhead.py`)."""
+    out: list[Tensor] = [None] * len(tensors)  # type: ignore[list-item]
+    groups: dict[tuple, list[int]] = {}
+    for i, t in enumerate(tensors):
+        groups.setdefault((t.device, t.dtype), []).append(i)
+    for (_, dtype), idx in groups.items():
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        for i, n in zip(idx, torch._foreach_norm([tensors[i] for i in idx], 2, dtype=acc)):
+            out[i] = n
+    return out
+
+
+def _shared_gradients(task_grads: list[list[Tensor]], weights: list[float]) -> list[Tensor]:
+    """reference.shared_gradient for many parameters at once (their task gradients ``task_grads[i][t]``), with
+    one multi-tensor op per task and (device, dtype) instead of a fill and T adds per parameter."""
+    out: list[Tensor] = [None] * len(task_grads)  # type: ignore[list-item]
+    groups: dict[tuple, list[int]] = {}
+    for i, grads in enumerate(task_grads):
+        groups.setdefault((grads[0].device, grads[0].dtype), []).append(i)
+    for (_, dtype), idx in groups.items():
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        sums = torch._foreach_mul([task_grads[i][0].to(acc) for i in idx], float(weights[0]))
+        for t in range(1, len(weights)):
+            torch._foreach_add_(sums, [task_grads[i][t].to(acc) for i in idx], alpha=float(weights[t]))
+        for i, total in zip(idx, sums):
+            out[i] = total
+    return out
+
+
 def _finite(t: Tensor) -> bool:
     """All elements finite, with one reduction and no full-size temporary.
 
@@ -71,7 +102,12 @@ def _read_scalars(values: list[Tensor]) -> list[float]:
     for i, v in enumerate(values):
         by_device.setdefault(v.device, []).append(i)
     for idx in by_device.values():
-        for i, x in zip(idx, torch.stack([values[i].double() for i in idx]).tolist()):
+        by_dtype: dict[torch.dtype, list[int]] = {}
+        for i in idx:
+            by_dtype.setdefault(values[i].dtype, []).append(i)
+        # one stack and one cast per dtype, one transfer per device (not one cast per value)
+        flat = torch.cat([torch.stack([values[i] for i in ids]).double() for ids in by_dtype.values()])
+        for i, x in zip((i for ids in by_dtype.values() for i in ids), flat.tolist()):
             out[i] = x
     return out
 
@@ -496,12 +532,15 @@ class GemsOptimizer(torch.optim.Optimizer):
         per_weight = {}
         for w in self._subspaces:
             per_weight[id(w.param)] = [stash.grads[t].get(id(w.param)) for t in self.tasks]
+        plain, plain_grads = [], []
         for p in self._plain_params:
             grads = [stash.grads[t].get(id(p)) for t in self.tasks]
             if all(g is None for g in grads):
                 p.grad = None
                 continue
-            combined = reference.shared_gradient([g if g is not None else torch.zeros_like(p) for g in grads], weights)
+            plain.append(p)
+            plain_grads.append([g if g is not None else torch.zeros_like(p) for g in grads])
+        for p, combined in zip(plain, _shared_gradients(plain_grads, weights)):
             p.grad = combined.to(p.dtype)
         return per_weight, weights
 
@@ -514,22 +553,28 @@ class GemsOptimizer(torch.optim.Optimizer):
                               for t in self.tasks}
                 for w in self._subspaces if w.bases[SHARED] is not None and w.step < w.next_refresh}
 
-    def _checked_sqnorms(self, per_weight: dict[int, list[Tensor | None]]) -> dict[int, list[float] | None]:
+    def _checked_sqnorms(self, per_weight: dict[int, list[Tensor | None]]
+                         ) -> tuple[dict[int, list[float] | None], set[int]]:
         """Per targeted weight, ‖G_t‖² of each task gradient (0 where a task has none), or None when one of
-        them is not finite. One 2-norm per gradient serves the gates and the finiteness check alike (a
-        finite norm proves every element finite; a non-finite one is re-checked with max|x|, since a huge
-        but finite gradient can overflow the sum of squares), and all norms are read back in one go."""
+        them is not finite; and the ids of the non-targeted parameters whose ``.grad`` is not finite. One
+        2-norm per gradient serves the gates and the finiteness check alike (a finite norm proves every
+        element finite; a non-finite one is re-checked with max|x|, since a huge but finite gradient can
+        overflow the sum of squares), and all norms are read back in one go."""
         stash = self._task_grads
         out: dict[int, list[float] | None] = {key: [0.0] * len(grads) for key, grads in per_weight.items()}
-        where, norms = [], []
+        where, grads_flat = [], []
         for key, grads in per_weight.items():
             for i, g in enumerate(grads):
                 if g is not None:
                     where.append((key, i))
-                    norms.append(_norm(g))
+                    grads_flat.append(g)
+        plain = [p for p in self._plain_params if p.grad is not None]
         # stash="projected": the squared norms taken in backward are checked here, in the same transfer
         held = [(i, key) for i, t in enumerate(self.tasks) for key in stash.sqnorms[t]]
-        values = _read_scalars(norms + [stash.sqnorms[self.tasks[i]][key] for i, key in held])
+        values = _read_scalars(_norms(grads_flat + [p.grad for p in plain])
+                               + [stash.sqnorms[self.tasks[i]][key] for i, key in held])
+        plain_values = values[len(where):len(where) + len(plain)]
+        bad_plain = {id(p) for p, v in zip(plain, plain_values) if not math.isfinite(v) and not _finite(p.grad)}
         for (key, i), v in zip(where, values):
             if out[key] is None:
                 continue
@@ -537,12 +582,12 @@ class GemsOptimizer(torch.optim.Optimizer):
                 out[key] = None
                 continue
             out[key][i] = v * v
-        projected = values[len(norms):]
+        projected = values[len(where) + len(plain):]
         stash.nonfinite.update(key for (_, key), v in zip(held, projected) if not math.isfinite(v))
         for (i, key), v in zip(held, projected):
             if key not in stash.nonfinite:
                 out.setdefault(key, [0.0] * len(self.tasks))[i] += v
-        return out
+        return out, bad_plain
 
     def _gates(self, sqnorms: dict[int, list[float] | None]) -> list[float]:
         if self.single_task or not isinstance(self.gating, str) or self.gating == "uniform":
@@ -573,7 +618,7 @@ class GemsOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         per_weight, shared_w = self._gather_gradients()
-        sqnorms = self._checked_sqnorms(per_weight)
+        sqnorms, bad_plain = self._checked_sqnorms(per_weight)
         gates = self._gates(sqnorms)
         self.last_gates = dict(zip(self.tasks, gates))
         skipped: list[str] = []
@@ -617,7 +662,7 @@ class GemsOptimizer(torch.optim.Optimizer):
         self._install(refreshed)
         del refreshed
         for p in self._plain_params:
-            if p.grad is not None and not _finite(p.grad):
+            if p.grad is not None and id(p) in bad_plain:
                 skipped.append(self._plain_name(p))
                 p.grad = None
         if self._fused_adam():
@@ -689,8 +734,15 @@ class GemsOptimizer(torch.optim.Optimizer):
     def _inner_step(self, work) -> dict[int, dict[str, Tensor]]:
         """Generic path, any inner optimizer: coordinates get the projected gradients, the inner optimizer
         steps, and each coordinate's new value is its update δ."""
+        # every coordinate tensor is a view of one zero-filled buffer per device (one fill, not one per tensor)
+        offsets, totals = {}, {}
+        for w, *_ in work:
+            offsets[w.index] = totals.get(w.param.device, 0)
+            totals[w.param.device] = offsets[w.index] + w.coord_numel()
+        storage = {d: torch.zeros(n, dtype=torch.float32, device=d) for d, n in totals.items()}
         for w, shared_w, grads, projected in work:
-            w.materialize_coords()
+            start = offsets[w.index]
+            w.materialize_coords(storage[w.param.device][start:start + w.coord_numel()])
             projs = grads if projected else self._task_projections(w, grads)
             for s, r in self._combine(w, projs, shared_w).items():
                 w.coords[s].grad = r
@@ -758,7 +810,7 @@ class GemsOptimizer(torch.optim.Optimizer):
         for members in groups.values():
             group = members[0][0].group
             beta1, beta2 = group["betas"]
-            states = []
+            states, counters = [], []
             for w, _ in members:
                 per = []
                 for sub in self._all_subspace_names():
@@ -771,9 +823,14 @@ class GemsOptimizer(torch.optim.Optimizer):
                         st["step"] = torch.tensor(0.0)
                         st["exp_avg"] = torch.zeros(w.coord_shape(sub), device=w.param.device)
                         st["exp_avg_sq"] = torch.zeros(w.coord_shape(sub), device=w.param.device)
-                    st["step"] += 1
+                    if isinstance(st["step"], Tensor):
+                        counters.append(st["step"])
+                    else:
+                        st["step"] += 1
                     per.append(st)
                 states.append(per)
+            if counters:
+                torch._foreach_add_(counters, 1)  # one op, not one per coordinate tensor
             out = mod.project_adam(
                 [g for _, g in members], list(shared_w),
                 [self._kernel_bases(w) for w, _ in members],

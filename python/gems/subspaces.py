@@ -1,6 +1,8 @@
 """One targeted weight's subspaces: ranks, bases, and the coordinate tensors the inner optimizer updates."""
 from __future__ import annotations
 
+import math
+
 import warnings
 from dataclasses import dataclass, field
 
@@ -73,16 +75,27 @@ class WeightSubspaces:
     def coord_shape(self, s: str) -> tuple[int, int]:
         return reference.coord_shape(self.param.shape, self.side, self.ranks[s])
 
-    def materialize_coords(self) -> None:
-        """Give every coordinate tensor its zero storage for the inner step. Between steps they hold no
-        memory (their value is zero by construction), so only moments and bases persist."""
+    def coord_numel(self) -> int:
+        return sum(math.prod(self.coord_shape(s)) for s in self.coords)
+
+    def materialize_coords(self, storage: Tensor | None = None) -> None:
+        """Give every coordinate tensor its zero storage for the inner step: consecutive views of ``storage``
+        (zeros of ``coord_numel()`` fp32 elements, shared with other weights so a step zero-fills once) or its
+        own zeros. Between steps they hold no memory (their value is zero by construction), so only moments
+        and bases persist."""
+        if storage is None:
+            storage = torch.zeros(self.coord_numel(), dtype=torch.float32, device=self.param.device)
+        off = 0
         for s, c in self.coords.items():
-            c.data = torch.zeros(self.coord_shape(s), dtype=torch.float32, device=self.param.device)
+            shape = self.coord_shape(s)
+            c.data = storage[off:off + math.prod(shape)].view(shape)
+            off += math.prod(shape)
 
     def release_coords(self) -> None:
         for c in self.coords.values():
             c.grad = None
-            c.data = torch.zeros(0, dtype=torch.float32, device=self.param.device)
+            if c.numel():  # the fused path never materialises them: no new empty tensor per step
+                c.data = torch.empty(0, dtype=torch.float32, device=self.param.device)
 
     def fold_nullspace(self, mode: str) -> None:
         """Recompute ``work_bases`` from ``bases`` and the protected basis (after a refresh or a load)."""

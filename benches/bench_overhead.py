@@ -12,6 +12,8 @@ negligible and the wall time is the overhead itself.
     python benches/bench_overhead.py --backends torch triton   # + the Triton path (TRITON_INTERPRET on CPU:
                                                           # op counts valid, its wall time is not)
     python benches/bench_overhead.py --device cuda --backends torch triton cuda
+    python benches/bench_overhead.py --backends triton --stub-kernels   # CPU: the Triton path's host time, its
+                                                          # two kernels replaced by no-ops (results are wrong)
 """
 from __future__ import annotations
 
@@ -126,6 +128,18 @@ def measure(method: str, backend: str, args) -> dict:
                 step_ms=statistics.median(times) * 1e3, top_kernel_ops=top)
 
 
+def stub_triton_kernels() -> None:
+    """Replace the two Triton kernels by no-op launches: what remains of the fused step is its host work."""
+    import gems_kernels  # noqa: F401  (the package import shadows its submodules' names with functions)
+
+    class NoOp:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: None
+
+    sys.modules["gems_kernels.project_adam"]._project_adam_kernel = NoOp()
+    sys.modules["gems_kernels.back_project_update"]._back_project_update_kernel = NoOp()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu")
@@ -134,8 +148,12 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--stub-kernels", action="store_true",
+                    help="Triton kernels as no-ops: the Triton rows' time is the host work alone (CPU, interpreter)")
     ap.add_argument("--out", default=None, help="output stem [benches/results/overhead_<device>]")
     args = ap.parse_args()
+    if args.stub_kernels:
+        stub_triton_kernels()
     torch.set_num_threads(args.threads)
     machine = machine_description(args.device)
     print(f"# machine: {machine}")
@@ -149,11 +167,12 @@ def main() -> None:
     for r in rows:
         r["kernel_ops_vs_adamw_foreach"] = round(r["kernel_ops"] / base["kernel_ops"], 2)
         r["ms_vs_adamw_foreach"] = round(r["step_ms"] / base["step_ms"], 2)
-    interp = os.environ.get("TRITON_INTERPRET") == "1" and "triton" in args.backends
+    interp = os.environ.get("TRITON_INTERPRET") == "1" and "triton" in args.backends and not args.stub_kernels
     columns = [*COLUMNS[:4], "kernel_ops_vs_adamw_foreach", *COLUMNS[4:]]
     print_table(rows, columns)
     cmd = "python benches/bench_overhead.py" + (f" --device {args.device}" if args.device != "cpu" else "")
     cmd += f" --backends {' '.join(args.backends)}" if args.backends != ["torch"] else ""
+    cmd += " --stub-kernels" if args.stub_kernels else ""
     cmd += f" --out {args.out}" if args.out else ""
     stem = Path(args.out) if args.out else RESULTS_DIR / f"overhead_{torch.device(args.device).type}"
     write_csv(stem.with_suffix(".csv"), rows, columns)
@@ -165,7 +184,9 @@ def main() -> None:
                 f"device-to-host sync each when the tensor is on the GPU; AdamW's come from its step counters, "
                 f"which live on the CPU), `other_ops` = views, allocations, profiler markers; Triton launches are not "
                 f"ATen ops and are not counted. `step_ms` = median of {args.repeats} steps" + (" (Triton rows: interpreter, their time is not a "
-                                                       "performance number)" if interp else "") + ".")
+                                                       "performance number)" if interp else "")
+                + (" (Triton rows: kernels replaced by no-op launches, `--stub-kernels`: their time is the host "
+                   "work alone)" if args.stub_kernels else "") + ".")
     write_markdown(stem.with_suffix(".md"), f"Optimizer step overhead on {args.device}", rows, columns,
                    preamble=preamble)
     print(f"# wrote {stem.with_suffix('.csv')} and {stem.with_suffix('.md')}")

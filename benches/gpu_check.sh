@@ -4,10 +4,12 @@
 # benches/results/gpu_check_<card>.md and prints it last. Installs nothing from the network (the repo's
 # dependencies must already be there; at most `pip install --no-deps --no-build-isolation -e .`).
 # Budget (designed for < 10 min on an H100): install ≤ 60 s (only if gems does not import), pytest ≤ 180 s,
-# sanitizer ≤ 60 s, step benchmark ≤ 180 s, step overhead ≤ 90 s, refresh benchmark ≤ 150 s, SmolLM2 end-to-end step and memory
-# benchmarks ≤ 150 s each. Each part is cut by `timeout` and reported, never hangs the run. Measured on an
-# H100 (2026-11-26): pytest 54–73 s, step ~25 s, refresh 53 s, e2e step > 86 s (cut at round 7 of 9: the
-# gems-svd refresh steps take 26 s each), memory not reached.
+# sanitizer ≤ 60 s, step benchmark ≤ 180 s, step overhead ≤ 90 s, refresh benchmark ≤ 150 s, SmolLM2
+# end-to-end step and memory benchmarks ≤ 150 s each. Each part is cut by `timeout` and reported, never hangs
+# the run. Measured on an H100 (2026-11-26): pytest 54–73 s, step ~25 s, refresh 53 s, e2e step > 86 s (cut at
+# round 7 of 9: the gems-svd refresh steps take 26 s each). On an H200 (same day, GPU_CHECK_E2E_STEPS=5, no
+# sanitizer, overhead part not yet there): everything else incl. refresh4096 in 381 s (pytest 68 s, refresh
+# 52 s, memory ~120 s); overhead alone ~40 s.
 #
 #   bash benches/gpu_check.sh            # from anywhere; runs in the repository root
 #   GPU_CHECK_SKIP_SANITIZER=1 bash benches/gpu_check.sh

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-
 import warnings
 from dataclasses import dataclass, field
 
@@ -78,13 +77,11 @@ class WeightSubspaces:
     def coord_numel(self) -> int:
         return sum(math.prod(self.coord_shape(s)) for s in self.coords)
 
-    def materialize_coords(self, storage: Tensor | None = None) -> None:
+    def materialize_coords(self, storage: Tensor) -> None:
         """Give every coordinate tensor its zero storage for the inner step: consecutive views of ``storage``
-        (zeros of ``coord_numel()`` fp32 elements, shared with other weights so a step zero-fills once) or its
-        own zeros. Between steps they hold no memory (their value is zero by construction), so only moments
-        and bases persist."""
-        if storage is None:
-            storage = torch.zeros(self.coord_numel(), dtype=torch.float32, device=self.param.device)
+        (``coord_numel()`` zero fp32 elements, a slice of a buffer the step fills once for all weights).
+        Between steps they hold no memory (their value is zero by construction), so only moments and bases
+        persist."""
         off = 0
         for s, c in self.coords.items():
             shape = self.coord_shape(s)

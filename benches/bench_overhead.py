@@ -172,21 +172,25 @@ def main() -> None:
     print_table(rows, columns)
     cmd = "python benches/bench_overhead.py" + (f" --device {args.device}" if args.device != "cpu" else "")
     cmd += f" --backends {' '.join(args.backends)}" if args.backends != ["torch"] else ""
+    cmd += "".join(f" --{k} {getattr(args, k)}" for k, d in (("layers", 30), ("hidden", 64), ("repeats", 7))
+                   if getattr(args, k) != d)
     cmd += " --stub-kernels" if args.stub_kernels else ""
     cmd += f" --out {args.out}" if args.out else ""
     stem = Path(args.out) if args.out else RESULTS_DIR / f"overhead_{torch.device(args.device).type}"
     write_csv(stem.with_suffix(".csv"), rows, columns)
+    timing_note = ""
+    if interp:
+        timing_note = " (Triton rows: interpreter, their time is not a performance number)"
+    elif args.stub_kernels:
+        timing_note = " (Triton rows: kernels replaced by no-op launches, `--stub-kernels`: the host work alone)"
     preamble = (f"Machine: {machine}.  \nCommand: `{cmd}`. Model: random Llama, {args.layers} layers, hidden "
                 f"{args.hidden}, SmolLM2-135M's module layout (tied embedding); GEMS rank 16 / task 8, two tasks, "
                 f"around a foreach AdamW (torch's choice on CUDA). "
                 f"ATen ops dispatched by one `step()` + `zero_grad()` between refreshes: `kernel_ops` = those that "
                 f"launch a kernel on a GPU (a foreach op counts once), `scalar_reads` = `.item()`-style reads (a "
                 f"device-to-host sync each when the tensor is on the GPU; AdamW's come from its step counters, "
-                f"which live on the CPU), `other_ops` = views, allocations, profiler markers; Triton launches are not "
-                f"ATen ops and are not counted. `step_ms` = median of {args.repeats} steps" + (" (Triton rows: interpreter, their time is not a "
-                                                       "performance number)" if interp else "")
-                + (" (Triton rows: kernels replaced by no-op launches, `--stub-kernels`: their time is the host "
-                   "work alone)" if args.stub_kernels else "") + ".")
+                f"which live on the CPU), `other_ops` = views, allocations, profiler markers; Triton launches are "
+                f"not ATen ops and are not counted. `step_ms` = median of {args.repeats} steps{timing_note}.")
     write_markdown(stem.with_suffix(".md"), f"Optimizer step overhead on {args.device}", rows, columns,
                    preamble=preamble)
     print(f"# wrote {stem.with_suffix('.csv')} and {stem.with_suffix('.md')}")

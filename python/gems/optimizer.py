@@ -41,21 +41,30 @@ def _split(w: WeightSubspaces, coords: Tensor) -> tuple[Tensor, Tensor]:
     return (coords[:r_sh], coords[r_sh:]) if w.side == "left" else (coords[:, :r_sh], coords[:, r_sh:])
 
 
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype of reductions over gradients: fp32, or fp64 for fp64 tensors."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _indices_by(keys) -> dict[Any, list[int]]:
+    """Positions of the items per key, in order (for one batched op per device and dtype)."""
+    groups: dict[Any, list[int]] = {}
+    for i, key in enumerate(keys):
+        groups.setdefault(key, []).append(i)
+    return groups
+
+
 def _norm(t: Tensor) -> Tensor:
     """‖t‖₂ accumulated in fp32 (fp64 for fp64 tensors), as a 0-d tensor (no host sync)."""
-    return torch.linalg.vector_norm(t, dtype=torch.float64 if t.dtype == torch.float64 else torch.float32)
+    return torch.linalg.vector_norm(t, dtype=_acc_dtype(t.dtype))
 
 
 def _norms(tensors: list[Tensor]) -> list[Tensor]:
     """``_norm`` of each tensor, with one multi-tensor reduction per (device, dtype) instead of one launch per
     tensor (per-tensor reductions are ~900 launches per SmolLM2 step: `python benches/bench_overhead.py`)."""
     out: list[Tensor] = [None] * len(tensors)  # type: ignore[list-item]
-    groups: dict[tuple, list[int]] = {}
-    for i, t in enumerate(tensors):
-        groups.setdefault((t.device, t.dtype), []).append(i)
-    for (_, dtype), idx in groups.items():
-        acc = torch.float64 if dtype == torch.float64 else torch.float32
-        for i, n in zip(idx, torch._foreach_norm([tensors[i] for i in idx], 2, dtype=acc)):
+    for (_, dtype), idx in _indices_by((t.device, t.dtype) for t in tensors).items():
+        for i, n in zip(idx, torch._foreach_norm([tensors[i] for i in idx], 2, dtype=_acc_dtype(dtype))):
             out[i] = n
     return out
 
@@ -64,11 +73,8 @@ def _shared_gradients(task_grads: list[list[Tensor]], weights: list[float]) -> l
     """reference.shared_gradient for many parameters at once (their task gradients ``task_grads[i][t]``), with
     one multi-tensor op per task and (device, dtype) instead of a fill and T adds per parameter."""
     out: list[Tensor] = [None] * len(task_grads)  # type: ignore[list-item]
-    groups: dict[tuple, list[int]] = {}
-    for i, grads in enumerate(task_grads):
-        groups.setdefault((grads[0].device, grads[0].dtype), []).append(i)
-    for (_, dtype), idx in groups.items():
-        acc = torch.float64 if dtype == torch.float64 else torch.float32
+    for (_, dtype), idx in _indices_by((g[0].device, g[0].dtype) for g in task_grads).items():
+        acc = _acc_dtype(dtype)
         sums = torch._foreach_mul([task_grads[i][0].to(acc) for i in idx], float(weights[0]))
         for t in range(1, len(weights)):
             torch._foreach_add_(sums, [task_grads[i][t].to(acc) for i in idx], alpha=float(weights[t]))
@@ -98,16 +104,11 @@ def _held_bytes(job: RefreshJob, grads: list[Tensor]) -> int:
 def _read_scalars(values: list[Tensor]) -> list[float]:
     """0-d tensors to floats with one transfer per device (they may live on several)."""
     out: list[float] = [0.0] * len(values)
-    by_device: dict[torch.device, list[int]] = {}
-    for i, v in enumerate(values):
-        by_device.setdefault(v.device, []).append(i)
-    for idx in by_device.values():
-        by_dtype: dict[torch.dtype, list[int]] = {}
-        for i in idx:
-            by_dtype.setdefault(values[i].dtype, []).append(i)
+    for idx in _indices_by(v.device for v in values).values():
+        by_dtype = [[idx[j] for j in js] for js in _indices_by(values[i].dtype for i in idx).values()]
         # one stack and one cast per dtype, one transfer per device (not one cast per value)
-        flat = torch.cat([torch.stack([values[i] for i in ids]).double() for ids in by_dtype.values()])
-        for i, x in zip((i for ids in by_dtype.values() for i in ids), flat.tolist()):
+        flat = torch.cat([torch.stack([values[i] for i in ids]).double() for ids in by_dtype])
+        for i, x in zip((i for ids in by_dtype for i in ids), flat.tolist()):
             out[i] = x
     return out
 
@@ -735,14 +736,14 @@ class GemsOptimizer(torch.optim.Optimizer):
         """Generic path, any inner optimizer: coordinates get the projected gradients, the inner optimizer
         steps, and each coordinate's new value is its update δ."""
         # every coordinate tensor is a view of one zero-filled buffer per device (one fill, not one per tensor)
-        offsets, totals = {}, {}
+        spans, totals = {}, {}
         for w, *_ in work:
-            offsets[w.index] = totals.get(w.param.device, 0)
-            totals[w.param.device] = offsets[w.index] + w.coord_numel()
+            start, n = totals.get(w.param.device, 0), w.coord_numel()
+            spans[w.index] = slice(start, start + n)
+            totals[w.param.device] = start + n
         storage = {d: torch.zeros(n, dtype=torch.float32, device=d) for d, n in totals.items()}
         for w, shared_w, grads, projected in work:
-            start = offsets[w.index]
-            w.materialize_coords(storage[w.param.device][start:start + w.coord_numel()])
+            w.materialize_coords(storage[w.param.device][spans[w.index]])
             projs = grads if projected else self._task_projections(w, grads)
             for s, r in self._combine(w, projs, shared_w).items():
                 w.coords[s].grad = r

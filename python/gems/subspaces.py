@@ -85,8 +85,9 @@ class WeightSubspaces:
         off = 0
         for s, c in self.coords.items():
             shape = self.coord_shape(s)
-            c.data = storage[off:off + math.prod(shape)].view(shape)
-            off += math.prod(shape)
+            n = math.prod(shape)
+            c.data = storage[off:off + n].view(shape)
+            off += n
 
     def release_coords(self) -> None:
         for c in self.coords.values():

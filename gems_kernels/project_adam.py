@@ -179,7 +179,7 @@ def project_adam(
 ) -> list[list[torch.Tensor]]:
     """Project every task gradient onto the shared and its task basis and take one Adam step in each
     subspace, for K same-shape weights in one launch. Returns δ as list[K] of list[S] fp32 tensors
-    (contiguous views into one buffer); ``exp_avgs``/``exp_avg_sqs`` are updated in place.
+    (contiguous views, one buffer per subspace); ``exp_avgs``/``exp_avg_sqs`` are updated in place.
 
     See docs/kernel_contract.md and gems.reference (project, shared_gradient, adam_delta)."""
     U.check_side(side)

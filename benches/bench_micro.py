@@ -13,8 +13,10 @@
 - CPU refresh breakdown (576×1536, rank 128, k = 160 columns, the real L15.down_proj gradient of
   bench_refresh.py): where a subspace_iter call's time goes (the two GEMMs, the QRs, the small SVD, the
   sketch) next to torch.linalg.svd, the same GEMMs on bf16 operands, and cheaper variants that were
-  measured and not adopted: one GEMM (A·AᵀΨ from a hashed Ψ, σ² weighting; 160 and 192 columns) and an
-  fp64 Gram/eigh extraction instead of QR + SVD of R;
+  measured and not adopted: one GEMM (A·AᵀΨ from a hashed Ψ, σ² weighting; 160 and 192 columns), an
+  fp64 Gram/eigh extraction instead of QR + SVD of R, and an LU-normalised start block (P·L of Y = P·L·U,
+  as fbpca does between power iterations: cheaper than QR, but its condition number multiplies the power
+  step's, and fp32 rounding then blurs the weaker directions);
 - CUDA only: the small k×k SVD (k = 160) with each cuSOLVER driver, the 576×160 QR, and a whole
   compute_basis with CUDA_SMALL_SVD_DRIVER = None vs "gesvda" (time, energy, orthonormality); the same small
   steps on a stack of 30 (which calls are really batched) and compute_bases on 30 weights vs one; the CUDA
@@ -160,6 +162,17 @@ def cpu_refresh_breakdown() -> None:
     def qr_extraction():  # bare engine
         return extract(power_step())
 
+    def lu_start():  # the start block's span from an LU factorisation, P·L, instead of its QR (≈ 0.6 ms less)
+        y0 = refresh._sketch(a, k, [gen()])[0]
+        lu, piv, _ = torch.linalg.lu_factor_ex(y0)
+        low = lu.tril(-1) + torch.eye(*lu.shape)
+        perm = list(range(low.shape[0]))
+        for i, p in enumerate(piv.tolist()):  # LAPACK's row swaps, in order
+            perm[i], perm[p - 1] = perm[p - 1], perm[i]
+        start = torch.empty_like(low)
+        start[perm] = low
+        return extract(a @ (a.transpose(-2, -1) @ start))
+
     def gram_extraction():  # the same with an fp64 Gram matrix and eigh instead (needs a fallback when
         y64 = power_step()[0].double()  # λ_r/λ_1 nears fp64 precision, e.g. a dominant σ₁)
         lam, v = torch.linalg.eigh(y64.T @ y64)
@@ -169,6 +182,7 @@ def cpu_refresh_breakdown() -> None:
     out = [f"engine {parts['compute_basis subspace_iter']:.2f} ms {energy(g, base, 'left') / exact:.4f}"]
     for label, fn in (("one GEMM", one_gemm), ("one GEMM, k = 192", lambda: one_gemm(192)),
                       ("bare engine, QR + SVD of R", qr_extraction),
+                      ("bare engine, LU-normalised start", lu_start),
                       ("bare engine, fp64 Gram + eigh", gram_extraction)):
         out.append(f"{label} {ms(fn):.2f} ms {energy(g, fn(), 'left') / exact:.4f}")
     print("variants, L15.down_proj r128 (time, energy vs exact top-r): " + "; ".join(out))

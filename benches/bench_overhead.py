@@ -14,6 +14,9 @@ negligible and the wall time is the overhead itself.
     python benches/bench_overhead.py --device cuda --backends torch triton cuda
     python benches/bench_overhead.py --backends triton --stub-kernels   # CPU: the Triton path's host time, its
                                                           # two kernels replaced by no-ops (results are wrong)
+
+With a kernel backend the table adds ``gems-recheck``: the same step with the launchers' per-operand checks
+redone at every call (their memo, ``gems_kernels._utils.CHECKED``, turned off), side by side.
 """
 from __future__ import annotations
 
@@ -86,6 +89,15 @@ def build(method: str, model: torch.nn.Module, backend: str):
 
 
 def measure(method: str, backend: str, args) -> dict:
+    if method == "gems-recheck":  # kernel launchers check every operand at every call (no U.CHECKED memo)
+        from gems_kernels import _utils as U
+
+        saved, U.CHECKED.capacity = U.CHECKED.capacity, 0
+        U.CHECKED.clear()
+        try:
+            return measure("gems", backend, args) | {"method": method}
+        finally:
+            U.CHECKED.capacity = saved
     model = small_smollm2(args.layers, args.hidden, args.device)
     opt = build(method, model, backend)
     gen = torch.Generator().manual_seed(0)
@@ -160,7 +172,8 @@ def main() -> None:
     rows = [measure("adamw-foreach", "-", args), measure("adamw", "-", args)]
     print_table(rows[-2:], COLUMNS)
     for backend in args.backends:
-        for method in ("gems", "gems-lowmem"):
+        # gems-recheck: the same step with the kernels' operand checks redone at every call, side by side
+        for method in ("gems", "gems-lowmem") + (("gems-recheck",) if backend == "triton" else ()):
             rows.append(measure(method, backend, args))
             print_table(rows[-1:], COLUMNS)
     base = rows[0]
@@ -190,7 +203,9 @@ def main() -> None:
                 f"launch a kernel on a GPU (a foreach op counts once), `scalar_reads` = `.item()`-style reads (a "
                 f"device-to-host sync each when the tensor is on the GPU; AdamW's come from its step counters, "
                 f"which live on the CPU), `other_ops` = views, allocations, profiler markers; Triton launches are "
-                f"not ATen ops and are not counted. `step_ms` = median of {args.repeats} steps{timing_note}.")
+                f"not ATen ops and are not counted. `step_ms` = median of {args.repeats} steps{timing_note}. "
+                f"`gems-recheck` (kernel backends): `gems` with the launchers' per-operand checks redone at every "
+                f"call (their memo `gems_kernels._utils.CHECKED` off).")
     write_markdown(stem.with_suffix(".md"), f"Optimizer step overhead on {args.device}", rows, columns,
                    preamble=preamble)
     print(f"# wrote {stem.with_suffix('.csv')} and {stem.with_suffix('.md')}")

@@ -176,29 +176,46 @@ def back_project_update(
     M, N, dtype, device = U.first_matrix(w0, "weights", "weights")
     D = M if side == "left" else N
 
-    ws, writeback = [], []
-    for k, w in enumerate(weights):
-        if not isinstance(w, torch.Tensor) or tuple(w.shape) != (M, N) or w.dtype != dtype or w.device != device:
-            raise ValueError(f"weights[{k}] must be {M}×{N} {dtype} on {device}, got "
-                             f"{tuple(getattr(w, 'shape', ()))} {getattr(w, 'dtype', None)}")
-        wc, copied = U.contiguous_for_write(w)
-        if copied:
-            writeback.append((w, wc))
-        ws.append(wc)
-
-    ranks, coord = U.subspace_ranks(bases[0], S, side, M, N)
+    flat = lambda nested: [x for row in nested for x in row]  # noqa: E731
+    # weights and bases are the same tensors at every step between two refreshes: checked once (U.CHECKED)
+    persistent = list(weights) + flat(bases)
+    memo_key = ("back_project_update", side, M, N, dtype, device, K, S, id(persistent[0]))
+    checked = U.CHECKED.get(memo_key, persistent)
+    writeback = []
+    if checked is None:
+        ws = []
+        for k, w in enumerate(weights):
+            if not isinstance(w, torch.Tensor) or tuple(w.shape) != (M, N) or w.dtype != dtype or w.device != device:
+                raise ValueError(f"weights[{k}] must be {M}×{N} {dtype} on {device}, got "
+                                 f"{tuple(getattr(w, 'shape', ()))} {getattr(w, 'dtype', None)}")
+            wc, copied = U.contiguous_for_write(w)
+            if copied:
+                writeback.append((w, wc))
+            ws.append(wc)
+        ranks, coord = U.subspace_ranks(bases[0], S, side, M, N)
+        copied = False
+        for k in range(K):
+            for s in range(S):
+                b = bases[k][s]
+                if (not isinstance(b, torch.Tensor) or tuple(b.shape) != (D, ranks[s]) or b.dtype != torch.float32
+                        or b.device != device):
+                    raise ValueError(f"bases[{k}][{s}] must be a {D}×{ranks[s]} float32 tensor on {device}, got "
+                                     f"{tuple(getattr(b, 'shape', ()))} {getattr(b, 'dtype', None)}")
+                bases[k][s] = b.contiguous()
+                copied |= bases[k][s] is not b
+        w_tab, b_tab = U.ptr_table(ws, device), U.ptr_table(flat(bases), device)
+        if not copied and not writeback:  # tables of temporary copies must not outlive this call
+            U.CHECKED.put(memo_key, persistent, (ranks, coord, w_tab, b_tab))
+    else:
+        ranks, coord, w_tab, b_tab = checked
+        ws = list(weights)
     for k in range(K):
         for s in range(S):
-            b, d = bases[k][s], deltas[k][s]
-            if (not isinstance(b, torch.Tensor) or tuple(b.shape) != (D, ranks[s]) or b.dtype != torch.float32
-                    or b.device != device):
-                raise ValueError(f"bases[{k}][{s}] must be a {D}×{ranks[s]} float32 tensor on {device}, got "
-                                 f"{tuple(getattr(b, 'shape', ()))} {getattr(b, 'dtype', None)}")
+            d = deltas[k][s]
             if (not isinstance(d, torch.Tensor) or tuple(d.shape) != coord[s] or d.dtype != torch.float32
                     or d.device != device):
                 raise ValueError(f"deltas[{k}][{s}] must be a {coord[s][0]}×{coord[s][1]} float32 tensor on "
                                  f"{device}, got {tuple(getattr(d, 'shape', ()))} {getattr(d, 'dtype', None)}")
-            bases[k][s] = b.contiguous()
             deltas[k][s] = d.contiguous()
 
     decays = lr != 0.0 and wd != 0.0
@@ -245,9 +262,6 @@ def back_project_update(
         block_m, block_n, block_k = _GPU_BLOCK_M[dtype], _GPU_BLOCK_N, _GPU_BLOCK_K
         launch_opts = {"num_warps": _GPU_NUM_WARPS, "num_stages": _GPU_NUM_STAGES}
 
-    flat = lambda nested: [x for row in nested for x in row]  # noqa: E731
-    w_tab = U.ptr_table(ws, device)
-    b_tab = U.ptr_table(flat(bases), device)
     d_tab = U.ptr_table(flat(deltas), device)
     q_tab = U.ptr_table(qs, device)
     u_tab = U.ptr_table(us, device)

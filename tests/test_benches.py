@@ -130,6 +130,9 @@ def test_overhead_bench_counts_ops_per_step(tmp_path):
     table = list(csv.DictReader(open(out.with_suffix(".csv"))))
     fused = next(r for r in table if r["method"] == "gems" and r["backend"] == "triton")
     assert int(fused["kernel_ops"]) < 40  # foreach norms, counters and shared gradients: not one op per weight
+    # the same step with the launchers' operand checks redone at every call, side by side
+    recheck = next(r for r in table if r["method"] == "gems-recheck")
+    assert recheck["backend"] == "triton" and recheck["weights"] == "14" and float(recheck["step_ms"]) > 0
     rows = {r["method"]: r for r in table if r["backend"] in ("-", "torch")}
     assert set(rows) == {"adamw-foreach", "adamw", "gems", "gems-lowmem"}
     assert all(int(r["kernel_ops"]) > 0 and float(r["step_ms"]) > 0 for r in rows.values())

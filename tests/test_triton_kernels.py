@@ -379,6 +379,103 @@ def test_project_adam_boundary_errors():
         gk.project_adam(grads, w, bases[:1], m0, v0, **kw)
 
 
+def test_project_adam_checks_are_memoised_but_never_stale():
+    """The second call with the same bases and moments skips their checks (U.CHECKED) and gives the same
+    result as a fresh call; a replaced tensor, a tensor whose storage was swapped (``.data =``) and a freed
+    and reallocated one are all checked again."""
+    from gems_kernels import _utils as U
+
+    gen = _gen("pa-memo")
+    grads, w, bases, m0, v0 = _make_problem((20, 12), "left", torch.float32, ranks=[4, 2, 2], K=2, T=2, gen=gen)
+    kw = dict(side="left", step=3, **ADAM)
+    U.CHECKED.clear()
+    ms, vs = [[x.clone() for x in row] for row in m0], [[x.clone() for x in row] for row in v0]
+    gk.project_adam(grads, w, bases, ms, vs, **kw)
+    assert len(U.CHECKED._d) == 1
+    d2 = gk.project_adam(grads, w, bases, ms, vs, **kw)  # memo hit: same tensors
+    U.CHECKED.clear()
+    ms_b, vs_b = [[x.clone() for x in row] for row in m0], [[x.clone() for x in row] for row in v0]
+    gk.project_adam(grads, w, bases, ms_b, vs_b, **kw)
+    d2_ref = gk.project_adam(grads, w, bases, ms_b, vs_b, **kw)
+    for k in range(2):
+        for s in range(3):
+            assert torch.equal(d2[k][s], d2_ref[k][s]) and torch.equal(ms[k][s], ms_b[k][s])
+    # a replaced moment with the wrong shape
+    bad = [row[:] for row in vs_b]
+    bad[1][2] = torch.zeros(3, 12, device=DEV)
+    with pytest.raises(ValueError, match=r"exp_avg_sqs\[1\]\[2\]"):
+        gk.project_adam(grads, w, bases, ms_b, bad, **kw)
+    # the same tensor object, its storage swapped for one of another shape
+    vs_b[0][1].data = torch.zeros(3, 12, device=DEV)
+    with pytest.raises(ValueError, match=r"exp_avg_sqs\[0\]\[1\]"):
+        gk.project_adam(grads, w, bases, ms_b, vs_b, **kw)
+    # a basis replaced by one of another dtype (same shape)
+    bases2 = [row[:] for row in bases]
+    bases2[1][0] = bases[1][0].double()
+    with pytest.raises(ValueError, match=r"bases\[1\]\[0\]"):
+        gk.project_adam(grads, w, bases2, ms, vs, **kw)
+
+
+def test_checked_operands_memo_rules():
+    from gems_kernels import _utils as U
+
+    memo = U.CheckedOperands(capacity=2)
+    a, b = torch.zeros(4, 3), torch.zeros(2, 3)
+    memo.put("k", [a, b], "v")
+    assert memo.get("k", [a, b]) == "v"
+    assert memo.get("k", [a]) is None and memo.get("k", [b, a]) is None
+    assert memo.get("k", [a, b.clone()]) is None  # another object, even if equal
+    b.resize_(1, 3)  # same object and address, another shape
+    assert memo.get("k", [a, b]) is None
+    c = torch.zeros(2, 3)
+    memo.put("c", [c], 1)
+    del c  # freed: its weak reference dies, a new tensor at the same place is another object
+    assert memo.get("c", [torch.zeros(2, 3)]) is None
+    memo.put("x", [a], 2)
+    memo.put("y", [a], 3)  # capacity 2: "k" and "c" evicted
+    assert memo.get("k", [a, b]) is None and memo.get("y", [a]) == 3
+
+
+def test_noncontiguous_operands_are_not_memoised():
+    from gems_kernels import _utils as U
+
+    gen = _gen("pa-memo-nc")
+    grads, w, bases, m0, v0 = _make_problem((20, 12), "right", torch.float32, ranks=[4, 2, 2], K=1, T=2, gen=gen)
+    U.CHECKED.clear()
+    ms = [[x.T.contiguous().T for x in m0[0]]]  # column-major: copied and written back at every call
+    vs = [[x.clone() for x in v0[0]]]
+    for step in (1, 2):
+        gk.project_adam(grads, w, bases, ms, vs, side="right", step=step, **ADAM)
+    assert len(U.CHECKED._d) == 0
+    ms_c, vs_c = [[x.clone() for x in m0[0]]], [[x.clone() for x in v0[0]]]
+    for step in (1, 2):
+        gk.project_adam(grads, w, bases, ms_c, vs_c, side="right", step=step, **ADAM)
+    for s in range(3):
+        assert torch.equal(ms[0][s], ms_c[0][s]) and torch.equal(vs[0][s], vs_c[0][s])
+
+
+def test_back_project_update_memo_sees_replaced_weights():
+    from gems_kernels import _utils as U
+
+    gen = _gen("bp-memo")
+    weights, bases, coeffs, deltas = _make_back_problem((24, 16), "left", torch.float32, [4, 2, 2], K=2, gen=gen)
+    U.CHECKED.clear()
+    kw = dict(side="left", lr=0.1, weight_decay=0.01)
+    w_a = [x.clone() for x in weights]
+    gk.back_project_update(w_a, bases, coeffs, deltas, **kw)
+    gk.back_project_update(w_a, bases, coeffs, deltas, **kw)  # memo hit
+    w_b = [x.clone() for x in weights]
+    U.CHECKED.clear()
+    gk.back_project_update(w_b, bases, coeffs, deltas, **kw)
+    U.CHECKED.clear()
+    gk.back_project_update(w_b, bases, coeffs, deltas, **kw)
+    for k in range(2):
+        assert torch.equal(w_a[k], w_b[k])
+    w_a[1].data = torch.zeros(24, 15, device=DEV)
+    with pytest.raises(ValueError, match=r"weights\[1\]"):
+        gk.back_project_update(w_a, bases, coeffs, deltas, **kw)
+
+
 # ----------------------------------------------------------------------------------------------- back_project_update
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])

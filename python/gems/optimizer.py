@@ -16,7 +16,7 @@ from gems import distributed, reference
 from gems import nullspace as nsp
 from gems.dispatch import auto_backend_for, backend_module, requested_backend, resolve_backend
 from gems.refresh import REFRESH_METHODS
-from gems.subspaces import SHARED, RefreshJob, WeightSubspaces, batch_bytes, clamp_report, refresh_bases
+from gems.subspaces import SHARED, RefreshBatch, RefreshJob, WeightSubspaces, clamp_report, refresh_bases
 from gems.targets import TargetSpec, select_linear_modules, unwrap
 from gems.tasks import TaskGradients, compute_gates, retain_flags, validate_gating, validate_tasks
 
@@ -381,8 +381,7 @@ class GemsOptimizer(torch.optim.Optimizer):
         # due weights whose last task gradient has arrived, refreshed together once they hold REFRESH_BATCH_BYTES
         # of gradients (CUDA) or at once (CPU), as step() does; autograd runs the hooks of each device on its
         # own thread, hence the lock
-        pending: list[tuple[RefreshJob, list[Tensor]]] = []
-        pending_bytes = 0
+        pending = RefreshBatch(self._refresh_in_backward, lambda item: _held_bytes(*item))
         lock = threading.Lock()
         held = {}
         for p in params:  # the user's own .grad (if any) is set aside, untouched
@@ -391,7 +390,6 @@ class GemsOptimizer(torch.optim.Optimizer):
         last_task = self.tasks[-1]
 
         def on_grad(p: Tensor, task: str) -> None:
-            nonlocal pending_bytes
             g, p.grad = p.grad, None
             w = by_id.get(id(p))
             if w is not None and id(p) in stash.nonfinite:
@@ -403,11 +401,7 @@ class GemsOptimizer(torch.optim.Optimizer):
                 item = self._backward_refresh_job(w, [*earlier, g], mix)
                 if item is not None:
                     with lock:
-                        pending.append(item)
-                        pending_bytes += _held_bytes(*item)
-                        if pending_bytes >= batch_bytes(p.device):
-                            self._refresh_in_backward(pending)
-                            pending_bytes = 0
+                        pending.add(item, p.device)
             else:
                 self._stash_projected(w, task, g)
 
@@ -420,7 +414,7 @@ class GemsOptimizer(torch.optim.Optimizer):
                     for h in handles:
                         h.remove()
                 stash.count(t, float(losses[t].detach()), counts[t])
-            self._refresh_in_backward(pending)
+            pending.finish()
         finally:
             for p in params:
                 p.grad = held[id(p)]
@@ -625,8 +619,8 @@ class GemsOptimizer(torch.optim.Optimizer):
         skipped: list[str] = []
         work: list[tuple[WeightSubspaces, Tensor, list[Tensor]]] = []
         refreshed: list[tuple[WeightSubspaces, dict[str, Tensor]]] = []
-        pending: list[RefreshJob] = []  # weights due for a refresh, refreshed together (see REFRESH_BATCH_BYTES)
-        pending_bytes = 0
+        # weights due for a refresh, refreshed together; installed only once every refresh of the step succeeded
+        pending = RefreshBatch(lambda jobs: refreshed.extend(self._refresh(jobs)), RefreshJob.nbytes)
         stash = self._task_grads
         for w in self._subspaces:
             if id(w.param) in stash.nonfinite:
@@ -652,14 +646,10 @@ class GemsOptimizer(torch.optim.Optimizer):
                 grads = [nsp.project_gradient(g, w.protected, w.protect_side) for g in grads]
             if w.step >= w.next_refresh:  # the full shared gradient is only ever built for a refresh
                 shared = reference.shared_gradient(grads, shared_w) if len(grads) > 1 else grads[0].float()
-                pending.append(RefreshJob(w, shared, dict(zip(self.tasks, grads)), self._generator(w)))
+                pending.add(RefreshJob(w, shared, dict(zip(self.tasks, grads)), self._generator(w)), w.param.device)
                 del shared
-                pending_bytes += pending[-1].nbytes()
-                if pending_bytes >= batch_bytes(w.param.device):
-                    refreshed += self._refresh(pending)
-                    pending_bytes = 0
             work.append((w, shared_w, grads, False))
-        refreshed += self._refresh(pending)
+        pending.finish()
         self._install(refreshed)
         del refreshed
         for p in self._plain_params:

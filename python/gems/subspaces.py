@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -160,6 +162,30 @@ class RefreshJob:
 def batch_bytes(device: torch.device) -> int:
     """How many bytes of refresh jobs to collect before refreshing them together (REFRESH_BATCH_BYTES)."""
     return REFRESH_BATCH_BYTES.get(device.type, 0)
+
+
+class RefreshBatch:
+    """Collects the weights due for a refresh and hands them to ``flush`` together, each time they hold
+    REFRESH_BATCH_BYTES of their device's memory (the item that crosses the cap included; on CPU, at once)
+    and once more at :meth:`finish`. One rule for ``step()`` and for the projected stash's backward hooks,
+    which differ only in what an item is and what a flush does; ``nbytes`` sizes an item."""
+
+    def __init__(self, flush: Callable[[list], None], nbytes: Callable[[Any], int]):
+        self._flush, self._nbytes = flush, nbytes
+        self.items: list = []
+        self._bytes = 0
+
+    def add(self, item, device: torch.device) -> None:
+        self.items.append(item)
+        self._bytes += self._nbytes(item)
+        if self._bytes >= batch_bytes(device):
+            self.finish()
+
+    def finish(self) -> None:
+        """Flush what is pending (``flush`` gets the list and may empty it to free what its items hold)."""
+        items, self.items, self._bytes = self.items, [], 0
+        if items:
+            self._flush(items)
 
 
 def refresh_bases(jobs: list[RefreshJob], *, task_basis: str, method: str,

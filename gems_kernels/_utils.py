@@ -165,11 +165,10 @@ class CheckedOperands:
     each of them again (shape, dtype, device, contiguity) and rebuilding their pointer tables made the fused
     step's host work 18.6 ms instead of 16.9 ms on SmolLM2's 210 weights (development CPU, kernels stubbed,
     `python benches/bench_overhead.py --backends triton --stub-kernels`, rows gems-recheck / gems). A record
-    holds weak references
-    to the checked tensors with their addresses and shapes; it is reused only for the very same tensor
-    objects at the same addresses and shapes (a replaced tensor, ``.data =`` or ``set_`` fails the check, a
-    freed one kills its weak reference), so a hit is what a full check would have accepted. Only in-place
-    metadata surgery that keeps address and shape (``as_strided_``) goes unnoticed."""
+    holds weak references to the checked tensors with their addresses and shapes; it is reused only for the
+    very same tensor objects at the same addresses and shapes (a replaced tensor, ``.data =`` or ``set_``
+    fails the check, a freed one kills its weak reference), so a hit is what a full check would have
+    accepted. Only in-place metadata surgery that keeps address and shape (``as_strided_``) goes unnoticed."""
 
     def __init__(self, capacity: int = 64):
         self.capacity = capacity

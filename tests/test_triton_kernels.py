@@ -741,6 +741,45 @@ def test_optimizer_backend_triton_matches_torch(launch_counts, with_nullspace):
             assert torch.equal(opt_k.inner.state[wk.coords[s]]["step"], opt_t.inner.state[wt.coords[s]]["step"])
 
 
+@pytest.mark.filterwarnings("ignore:GEMS ranks clamped")
+@pytest.mark.parametrize("task_rank", [3, 0], ids=["tasks", "task-rank-0"])
+def test_optimizer_steps_reuse_checked_operands(monkeypatch, task_rank):
+    """Between refreshes every fused launch of a GemsOptimizer finds its bases, moments and weights already
+    checked (gems_kernels._utils.CHECKED), rank-0 placeholder moments included; a refresh (new bases) is
+    checked again."""
+    import gems
+    from gems_kernels import _utils as U
+
+    hits, misses = [], []
+    real_get = U.CheckedOperands.get
+
+    def counting(self, key, tensors):
+        value = real_get(self, key, tensors)
+        (hits if value is not None else misses).append(key[0])
+        return value
+
+    monkeypatch.setattr(U.CheckedOperands, "get", counting)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(24, 40), torch.nn.Tanh(), torch.nn.Linear(40, 16)).to(DEV)
+    inner = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    opt = gems.GemsOptimizer(inner, model=model, tasks=["a", "b"], rank=6, task_rank=task_rank, update_proj_gap=3,
+                             backend="triton", target_modules=None)
+    gen = torch.Generator().manual_seed(1)
+    per_step = []
+    for _ in range(6):
+        hits.clear()
+        misses.clear()
+        xa, xb = (torch.randn(8, 24, generator=gen).to(DEV) for _ in range(2))
+        opt.backward({"a": model(xa).pow(2).mean(), "b": (model(xb) - 1).pow(2).mean()})
+        opt.step()
+        opt.zero_grad()
+        per_step.append((len(hits), len(misses)))
+    launches = per_step[1][0]  # two shapes, two launchers
+    assert launches == 4
+    # steps 1, 2 and 4, 5 reuse the checks; 0 (first bases and moments) and 3 (refresh) redo them
+    assert per_step == [(0, 4), (4, 0), (4, 0), (0, 4), (4, 0), (4, 0)]
+
+
 def _train_two_tasks(backend, sizes, steps=6, **opt_kw):
     """An MLP of ``sizes`` (tanh between layers) trained ``steps`` GEMS steps on two regression tasks, on DEV;
     returns the optimizer and the final parameters."""

@@ -205,6 +205,10 @@ class GemsOptimizer(torch.optim.Optimizer):
         self._task_grads = TaskGradients(self.tasks)
         self.last_gates: dict[str, float] = {t: 1.0 / len(self.tasks) for t in self.tasks}
         self.last_skipped: list[str] = []
+        # rank-0 subspaces' bases and moments for the kernels, which keep every subspace in place: zero-size,
+        # never written, and the same tensors at every step, so the launchers' checks stay memoised
+        # (gems_kernels._utils.CHECKED); by (role, shape, device)
+        self._placeholders: dict[tuple, Tensor] = {}
 
         # torch.optim.Optimizer plumbing (hooks, profiling) without a second set of param groups.
         self._optimizer_step_pre_hooks = OrderedDict()
@@ -806,8 +810,8 @@ class GemsOptimizer(torch.optim.Optimizer):
                 per = []
                 for sub in self._all_subspace_names():
                     if w.ranks[sub] == 0:  # the contract keeps every subspace in place, empty ones included
-                        empty = torch.zeros(w.coord_shape(sub), device=w.param.device)
-                        per.append({"exp_avg": empty, "exp_avg_sq": empty.clone()})
+                        per.append({name: self._placeholder(w.coord_shape(sub), w.param.device, name)
+                                    for name in ("exp_avg", "exp_avg_sq")})  # distinct, like real moments
                         continue
                     st = self.inner.state[w.coords[sub]]
                     if not st:
@@ -837,9 +841,16 @@ class GemsOptimizer(torch.optim.Optimizer):
 
     def _kernel_bases(self, w: WeightSubspaces) -> list[Tensor]:
         """Bases of all S subspaces in contract order; a rank-0 task gets a d×0 basis."""
-        dim = reference.side_dim(w.param.shape, w.side)
-        return [w.work_bases[s] if w.ranks[s] else torch.zeros(dim, 0, device=w.param.device)
+        return [w.work_bases[s] if w.ranks[s] else
+                self._placeholder((reference.side_dim(w.param.shape, w.side), 0), w.param.device, "basis")
                 for s in self._all_subspace_names()]
+
+    def _placeholder(self, shape: tuple[int, ...], device: torch.device, role: str) -> Tensor:
+        """The zero-size fp32 tensor that stands for a rank-0 subspace's basis or moment (``role``)."""
+        key = (role, tuple(shape), device)
+        if key not in self._placeholders:
+            self._placeholders[key] = torch.zeros(shape, device=device)
+        return self._placeholders[key]
 
     def _coefficients(self, w: WeightSubspaces, gates: list[float]) -> list[float]:
         return [self.scale if s == SHARED else self.scale * gates[self.tasks.index(s)] for s in w.subspaces()]

@@ -209,6 +209,8 @@ class GemsOptimizer(torch.optim.Optimizer):
         # never written, and the same tensors at every step, so the launchers' checks stay memoised
         # (gems_kernels._utils.CHECKED); by (role, shape, device)
         self._placeholders: dict[tuple, Tensor] = {}
+        # the fused path's inner step counters as views of one buffer (see _advance_step_counters)
+        self._step_buffer: tuple[Tensor, list[Tensor]] = (torch.zeros(0), [])
 
         # torch.optim.Optimizer plumbing (hooks, profiling) without a second set of param groups.
         self._optimizer_step_pre_hooks = OrderedDict()
@@ -795,6 +797,7 @@ class GemsOptimizer(torch.optim.Optimizer):
 
     def _fused_project_adam(self, work, shared_w) -> dict[int, dict[str, Tensor]]:
         mod = backend_module(self.backend)
+        counted: list[dict[str, Any]] = []  # inner states whose tensor step counter the kernels advance
         groups: dict[tuple, list] = {}
         for w, _, grads, _ in work:
             for c in w.coords.values():
@@ -805,7 +808,7 @@ class GemsOptimizer(torch.optim.Optimizer):
         for members in groups.values():
             group = members[0][0].group
             beta1, beta2 = group["betas"]
-            states, counters = [], []
+            states = []
             for w, _ in members:
                 per = []
                 for sub in self._all_subspace_names():
@@ -819,13 +822,11 @@ class GemsOptimizer(torch.optim.Optimizer):
                         st["exp_avg"] = torch.zeros(w.coord_shape(sub), device=w.param.device)
                         st["exp_avg_sq"] = torch.zeros(w.coord_shape(sub), device=w.param.device)
                     if isinstance(st["step"], Tensor):
-                        counters.append(st["step"])
+                        counted.append(st)
                     else:
                         st["step"] += 1
                     per.append(st)
                 states.append(per)
-            if counters:
-                torch._foreach_add_(counters, 1)  # one op, not one per coordinate tensor
             out = mod.project_adam(
                 [g for _, g in members], list(shared_w),
                 [self._kernel_bases(w) for w, _ in members],
@@ -834,7 +835,31 @@ class GemsOptimizer(torch.optim.Optimizer):
                 beta1=float(beta1), beta2=float(beta2), eps=float(group["eps"]))
             for (w, _), ds in zip(members, out):
                 deltas[w.index] = dict(zip(self._all_subspace_names(), ds))
+        self._advance_step_counters(counted)
         return deltas
+
+    def _advance_step_counters(self, states: list[dict[str, Any]]) -> None:
+        """``step += 1`` for the inner states the fused kernels stepped, as torch.optim would.
+
+        The counters are 0-d CPU tensors, one per coordinate tensor (630 on SmolLM2): even one foreach add
+        walks them one by one (≈ 1 ms per step, on a GPU machine too). So they are made views of one buffer
+        the first time and advanced with one add while the same counter objects come back; any other set
+        (a weight skipped, a loaded state dict, a user's edit) is advanced with a foreach add and becomes the
+        new buffer."""
+        if not states:
+            return
+        counters = [st["step"] for st in states]
+        buf, views = self._step_buffer
+        if len(views) == len(counters) and all(a is b for a, b in zip(views, counters)):
+            buf.add_(1)
+            return
+        torch._foreach_add_(counters, 1)
+        if all(c.dim() == 0 and c.device.type == "cpu" and c.dtype == counters[0].dtype for c in counters):
+            buf = torch.stack(counters)
+            views = list(buf.unbind(0))
+            for st, v in zip(states, views):
+                st["step"] = v
+            self._step_buffer = (buf, views)
 
     def _all_subspace_names(self) -> list[str]:
         return [SHARED, *self.tasks]

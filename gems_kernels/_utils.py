@@ -162,8 +162,8 @@ class CheckedOperands:
     """Memo of a launcher's per-tensor boundary checks on operands that persist across calls.
 
     An optimizer hands the same bases, moments and weights to every launch between two refreshes; checking
-    each of them again (shape, dtype, device, contiguity) and rebuilding their pointer tables made the fused
-    step's host work 18.6 ms instead of 16.9 ms on SmolLM2's 210 weights (development CPU, kernels stubbed,
+    each of them again (shape, dtype, device, contiguity) and rebuilding their pointer tables cost 1–2 ms of
+    the fused step's ≈ 16 ms host work on SmolLM2's 210 weights (development CPU, kernels stubbed,
     `python benches/bench_overhead.py --backends triton --stub-kernels`, rows gems-recheck / gems). A record
     holds weak references to the checked tensors with their addresses and shapes; it is reused only for the
     very same tensor objects at the same addresses and shapes (a replaced tensor, ``.data =`` or ``set_``

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import gc
 import os
 import statistics
 import sys
@@ -127,10 +128,16 @@ def measure(method: str, backend: str, args) -> dict:
     for _ in range(args.repeats):
         backward()
         synchronize(args.device)
-        start = time.perf_counter()
-        step()
-        synchronize(args.device)
-        times.append(time.perf_counter() - start)
+        # Python's collector paused while timing: a full collection (~0.2 s with transformers loaded, about
+        # every fifth step here, mostly from the forward/backward's garbage) would land in some steps only
+        gc.disable()
+        try:
+            start = time.perf_counter()
+            step()
+            synchronize(args.device)
+            times.append(time.perf_counter() - start)
+        finally:
+            gc.enable()
     targeted = len(getattr(opt, "subspaces", ())) or None
     kernels = {k: v for k, v in counter.ops.items() if k not in NO_KERNEL and k != SCALAR_READ}
     top = ", ".join(f"{k} {v}" for k, v in collections.Counter(kernels).most_common(5))
@@ -203,7 +210,8 @@ def main() -> None:
                 f"launch a kernel on a GPU (a foreach op counts once), `scalar_reads` = `.item()`-style reads (a "
                 f"device-to-host sync each when the tensor is on the GPU; AdamW's come from its step counters, "
                 f"which live on the CPU), `other_ops` = views, allocations, profiler markers; Triton launches are "
-                f"not ATen ops and are not counted. `step_ms` = median of {args.repeats} steps{timing_note}. "
+                f"not ATen ops and are not counted. `step_ms` = median of {args.repeats} steps, timed with Python's "
+                f"garbage collector paused{timing_note}. "
                 f"`gems-recheck` (kernel backends): `gems` with the launchers' per-operand checks redone at every "
                 f"call (their memo `gems_kernels._utils.CHECKED` off).")
     write_markdown(stem.with_suffix(".md"), f"Optimizer step overhead on {args.device}", rows, columns,

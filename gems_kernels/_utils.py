@@ -162,27 +162,41 @@ class CheckedOperands:
     """Memo of a launcher's per-tensor boundary checks on operands that persist across calls.
 
     An optimizer hands the same bases, moments and weights to every launch between two refreshes; checking
-    each of them again (shape, dtype, device, contiguity) and rebuilding their pointer tables cost 1–2 ms of
-    the fused step's ≈ 16 ms host work on SmolLM2's 210 weights (development CPU, kernels stubbed,
-    `python benches/bench_overhead.py --backends triton --stub-kernels`, rows gems-recheck / gems). A record
-    holds weak references to the checked tensors with their addresses and shapes; it is reused only for the
-    very same tensor objects at the same addresses and shapes (a replaced tensor, ``.data =`` or ``set_``
-    fails the check, a freed one kills its weak reference), so a hit is what a full check would have
-    accepted. Only in-place metadata surgery that keeps address and shape (``as_strided_``) goes unnoticed."""
+    each of them again (shape, dtype, device, contiguity) and rebuilding their pointer tables costs more than
+    confirming they are the tensors already checked (`python benches/bench_overhead.py --backends triton
+    --stub-kernels`, rows gems-recheck / gems).
 
-    def __init__(self, capacity: int = 64):
+    A record holds weak references to the checked tensors with each one's address, shape, dtype and device
+    (all contiguous: others are never recorded). It is reused only for the very same tensor objects with all
+    of those unchanged and still contiguous, so a hit is what a full check would have accepted: a replaced or
+    freed tensor fails the identity test (a dead weak reference never matches), and ``.data =``, ``set_``,
+    ``resize_`` or ``as_strided_`` on a checked tensor change one of the others. Records whose tensors are
+    gone (bases replaced at a refresh) are dropped when the next record is stored."""
+
+    def __init__(self, capacity: int = 1024):
         self.capacity = capacity
         self._d: OrderedDict = OrderedDict()
 
+    @staticmethod
+    def _layout(tensors: Sequence[torch.Tensor]) -> tuple[list, list, list, list]:
+        # only contiguous operands are recorded, so contiguity plus shape stands for the strides; none of
+        # these allocates a container per tensor (a stride tuple each made Python's garbage collector run
+        # often enough to cost more than the checks saved)
+        return ([t.data_ptr() for t in tensors], [t.shape for t in tensors], [t.dtype for t in tensors],
+                [t.get_device() for t in tensors])
+
     def get(self, key, tensors: Sequence[torch.Tensor]):
-        """The value stored for ``key`` if it was stored for exactly these tensors, else None."""
+        """The value stored for ``key`` if it was stored for exactly these tensors, unchanged, else None."""
         rec = self._d.get(key)
         if rec is None:
             return None
-        refs, ptrs, shapes, value = rec
+        refs, layout, value = rec
         if len(refs) != len(tensors) or any(r() is not t for r, t in zip(refs, tensors)):
             return None
-        if [t.data_ptr() for t in tensors] != ptrs or [t.shape for t in tensors] != shapes:
+        ptrs, shapes, dtypes, devices = layout  # compared one list at a time
+        if ([t.data_ptr() for t in tensors] != ptrs or not all(t.is_contiguous() for t in tensors)
+                or [t.shape for t in tensors] != shapes or [t.dtype for t in tensors] != dtypes
+                or [t.get_device() for t in tensors] != devices):
             return None
         self._d.move_to_end(key)
         return value
@@ -190,10 +204,11 @@ class CheckedOperands:
     def put(self, key, tensors: Sequence[torch.Tensor], value) -> None:
         if self.capacity <= 0:  # memo off
             return
-        self._d[key] = ([weakref.ref(t) for t in tensors], [t.data_ptr() for t in tensors],
-                        [t.shape for t in tensors], value)
+        for dead in [k for k, (refs, _, _) in self._d.items() if refs and refs[0]() is None]:
+            del self._d[dead]
+        self._d[key] = ([weakref.ref(t) for t in tensors], self._layout(tensors), value)
         self._d.move_to_end(key)
-        if len(self._d) > self.capacity:
+        while len(self._d) > self.capacity:
             self._d.popitem(last=False)
 
     def clear(self) -> None:

@@ -381,8 +381,8 @@ def test_project_adam_boundary_errors():
 
 def test_project_adam_checks_are_memoised_but_never_stale():
     """The second call with the same bases and moments skips their checks (U.CHECKED) and gives the same
-    result as a fresh call; a replaced tensor, a tensor whose storage was swapped (``.data =``) and a freed
-    and reallocated one are all checked again."""
+    result as a fresh call; a replaced tensor and a tensor whose storage was swapped (``.data =``, another
+    shape or dtype) are checked again (freed tensors: test_checked_operands_memo_rules)."""
     from gems_kernels import _utils as U
 
     gen = _gen("pa-memo")
@@ -414,6 +414,46 @@ def test_project_adam_checks_are_memoised_but_never_stale():
     bases2[1][0] = bases[1][0].double()
     with pytest.raises(ValueError, match=r"bases\[1\]\[0\]"):
         gk.project_adam(grads, w, bases2, ms, vs, **kw)
+    # the same object reinterpreted as another dtype at the same address and shape, after a memoised call
+    gk.project_adam(grads, w, bases, ms, vs, **kw)
+    assert U.CHECKED.get(next(reversed(U.CHECKED._d)), [x for rows in (bases, ms, vs) for row in rows for x in row])
+    v_int = vs[0][0].data
+    vs[0][0].data = v_int.view(torch.int32)
+    with pytest.raises(ValueError, match=r"exp_avg_sqs\[0\]\[0\]"):
+        gk.project_adam(grads, w, bases, ms, vs, **kw)
+    vs[0][0].data = v_int
+
+
+@pytest.mark.parametrize("swap", ["new-storage", "transposed"])
+def test_project_adam_memo_follows_a_swapped_storage(swap):
+    """A memoised moment whose storage is swapped for another of the same shape (``.data =``: same object,
+    another address) or for its own transpose (same address and shape, other strides) is checked again: the
+    kernel updates what the tensor holds now, exactly as a call without the memo does."""
+    from gems_kernels import _utils as U
+
+    gen = _gen("pa-memo-swap")
+    # right side of a 4×20 weight: the shared subspace's 4×r coordinates are square at rank 4
+    shape, side = (4, 20), "right"
+    grads, w, bases, m0, v0 = _make_problem(shape, side, torch.float32, ranks=[4, 2, 2], K=1, T=2, gen=gen)
+    kw = dict(side=side, step=2, **ADAM)
+
+    def run(memo: bool):
+        U.CHECKED.clear()
+        ms, vs = [[x.clone() for x in row] for row in m0], [[x.clone() for x in row] for row in v0]
+        gk.project_adam(grads, w, bases, ms, vs, **kw)
+        if not memo:
+            U.CHECKED.clear()
+        square = ms[0][0]
+        assert square.shape[0] == square.shape[1]
+        square.data = square.data.clone() * 2 if swap == "new-storage" else square.data.t()
+        d = gk.project_adam(grads, w, bases, ms, vs, **kw)
+        return d, ms, vs
+
+    d_memo, ms_memo, vs_memo = run(True)
+    d_ref, ms_ref, vs_ref = run(False)
+    for s in range(3):
+        assert torch.equal(d_memo[0][s], d_ref[0][s])
+        assert torch.equal(ms_memo[0][s], ms_ref[0][s]) and torch.equal(vs_memo[0][s], vs_ref[0][s])
 
 
 def test_checked_operands_memo_rules():
@@ -825,6 +865,42 @@ def test_fused_step_counters_through_a_skip_and_a_resume():
     _, views = opt._step_buffer  # the last steps advanced the counters through the buffer
     steps = [opt.inner.state[w.coords[s]]["step"] for w in opt.subspaces for s in w.subspaces()]
     assert {id(v) for v in views} == {id(t) for t in steps} and len(views) == len(steps)
+
+
+@pytest.mark.filterwarnings("ignore:GEMS ranks clamped")
+@pytest.mark.parametrize("case", ["reset", "counters-disagree"])
+def test_fused_bias_correction_follows_the_inner_state(case):
+    """The fused kernels take Adam's step count from the inner state, like torch.optim: with
+    state_transfer="reset" the state (and its count) restarts at every refresh while the weight's own step
+    does not; a weight whose subspaces' counters disagree is stepped by the generic path. Both train like
+    backend="torch"."""
+    import gems
+
+    def run(backend):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(24, 40), torch.nn.Tanh(), torch.nn.Linear(40, 16)).to(DEV)
+        inner = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        opt = gems.GemsOptimizer(inner, model=model, tasks=["a", "b"], rank=6, task_rank=3, update_proj_gap=3,
+                                 backend=backend, target_modules=None,
+                                 state_transfer="reset" if case == "reset" else "keep")
+        gen = torch.Generator().manual_seed(1)
+        for i in range(6):
+            if case == "counters-disagree" and i == 2:  # one subspace's count set back by hand
+                w = opt.subspaces[0]
+                opt.inner.state[w.coords["a"]]["step"] = torch.tensor(0.0)
+            xa, xb = (torch.randn(8, 24, generator=gen).to(DEV) for _ in range(2))
+            opt.backward({"a": model(xa).pow(2).mean(), "b": (model(xb) - 1).pow(2).mean()})
+            opt.step()
+            opt.zero_grad()
+        steps = [float(opt.inner.state[w.coords[s]]["step"]) for w in opt.subspaces for s in w.subspaces()]
+        return steps, [p.detach().clone() for p in model.parameters()]
+
+    ref_steps, ref = run("torch")
+    steps, out = run("triton")
+    assert steps == ref_steps
+    assert max(steps) < 6 if case == "reset" else min(steps) < max(steps)
+    for a, b in zip(out, ref):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
 def _train_two_tasks(backend, sizes, steps=6, **opt_kw):

@@ -666,10 +666,10 @@ class GemsOptimizer(torch.optim.Optimizer):
             fused, rest = [], []
             for item in work:
                 (rest if self._backend_for(item[0]) == "torch" else fused).append(item)
-            deltas = self._fused_project_adam(fused, shared_w)
-            # the other weights (backend="auto" keeps large ones on torch) and the non-targeted parameters;
-            # the fused weights' coordinates have no gradient and are skipped
-            deltas.update(self._inner_step(rest))
+            deltas, leftover = self._fused_project_adam(fused, shared_w)
+            # the other weights (backend="auto" keeps large ones on torch, and any the kernels left) and the
+            # non-targeted parameters; the fused weights' coordinates have no gradient and are skipped
+            deltas.update(self._inner_step(rest + leftover))
         else:
             deltas = self._inner_step(work)
         self._write_updates(work, deltas, gates)
@@ -795,57 +795,79 @@ class GemsOptimizer(torch.optim.Optimizer):
             return self.backend
         return auto_backend_for(self.backend, tuple(w.param.shape), w.param.dtype, sum(w.ranks.values()))
 
-    def _fused_project_adam(self, work, shared_w) -> dict[int, dict[str, Tensor]]:
+    def _fused_project_adam(self, work, shared_w) -> tuple[dict[int, dict[str, Tensor]], list]:
+        """Projection + Adam of the fused weights by the kernel backend, one launch per group of weights that
+        share shape, dtype, side, ranks, param group and inner step count. Returns the δ and the work items
+        left to the generic path: a weight whose subspaces' inner step counters disagree (one launch applies
+        one bias correction)."""
         mod = backend_module(self.backend)
-        counted: list[dict[str, Any]] = []  # inner states whose tensor step counter the kernels advance
+        names = self._all_subspace_names()
+        current = self._buffered_steps()
         groups: dict[tuple, list] = {}
-        for w, _, grads, _ in work:
+        leftover = []
+        for item in work:
+            w, _, grads, _ = item
             for c in w.coords.values():
                 c.grad = None
-            key = (tuple(w.param.shape), w.param.dtype, w.side, tuple(w.ranks.items()), id(w.group), w.step)
-            groups.setdefault(key, []).append((w, grads))
+            per, real, steps = [], [], set()
+            for sub in names:
+                if w.ranks[sub] == 0:  # the contract keeps every subspace in place, empty ones included
+                    per.append({name: self._placeholder(w.coord_shape(sub), w.param.device, name)
+                                for name in ("exp_avg", "exp_avg_sq")})  # distinct, like real moments
+                    continue
+                st = self.inner.state[w.coords[sub]]
+                if not st:
+                    st["step"] = torch.tensor(0.0)
+                    st["exp_avg"] = torch.zeros(w.coord_shape(sub), dtype=torch.float32, device=w.param.device)
+                    st["exp_avg_sq"] = torch.zeros(w.coord_shape(sub), dtype=torch.float32, device=w.param.device)
+                # Adam's bias correction follows the inner state's own count, which restarts when
+                # state_transfer="reset" drops the state at a refresh (w.step does not)
+                step = st["step"]
+                steps.add(current[id(step)] if id(step) in current else float(step))  # one read for the buffered
+                per.append(st)
+                real.append(st)
+            if len(steps) > 1:
+                leftover.append(item)
+                continue
+            count = steps.pop() if steps else 0.0
+            key = (tuple(w.param.shape), w.param.dtype, w.side, tuple(w.ranks.items()), id(w.group), count)
+            groups.setdefault(key, []).append((w, grads, per, real))
         deltas = {}
-        for members in groups.values():
+        counted: list[dict[str, Any]] = []  # inner states the kernels stepped
+        for key, members in groups.items():
             group = members[0][0].group
             beta1, beta2 = group["betas"]
-            states = []
-            for w, _ in members:
-                per = []
-                for sub in self._all_subspace_names():
-                    if w.ranks[sub] == 0:  # the contract keeps every subspace in place, empty ones included
-                        per.append({name: self._placeholder(w.coord_shape(sub), w.param.device, name)
-                                    for name in ("exp_avg", "exp_avg_sq")})  # distinct, like real moments
-                        continue
-                    st = self.inner.state[w.coords[sub]]
-                    if not st:
-                        st["step"] = torch.tensor(0.0)
-                        st["exp_avg"] = torch.zeros(w.coord_shape(sub), device=w.param.device)
-                        st["exp_avg_sq"] = torch.zeros(w.coord_shape(sub), device=w.param.device)
-                    if isinstance(st["step"], Tensor):
-                        counted.append(st)
-                    else:
-                        st["step"] += 1
-                    per.append(st)
-                states.append(per)
             out = mod.project_adam(
-                [g for _, g in members], list(shared_w),
-                [self._kernel_bases(w) for w, _ in members],
-                [[st["exp_avg"] for st in per] for per in states], [[st["exp_avg_sq"] for st in per] for per in states],
-                side=members[0][0].side, step=members[0][0].step + 1, lr=float(group["lr"]),
+                [g for _, g, _, _ in members], list(shared_w),
+                [self._kernel_bases(w) for w, *_ in members],
+                [[st["exp_avg"] for st in per] for _, _, per, _ in members],
+                [[st["exp_avg_sq"] for st in per] for _, _, per, _ in members],
+                side=members[0][0].side, step=int(key[-1]) + 1, lr=float(group["lr"]),
                 beta1=float(beta1), beta2=float(beta2), eps=float(group["eps"]))
-            for (w, _), ds in zip(members, out):
-                deltas[w.index] = dict(zip(self._all_subspace_names(), ds))
+            for (w, _, _, real), ds in zip(members, out):
+                deltas[w.index] = dict(zip(names, ds))
+                counted += real
         self._advance_step_counters(counted)
-        return deltas
+        return deltas, leftover
+
+    def _buffered_steps(self) -> dict[int, float]:
+        """Current values of the step counters held in the step buffer, by counter object id (one read)."""
+        buf, views = self._step_buffer
+        return dict(zip(map(id, views), buf.tolist())) if views else {}
 
     def _advance_step_counters(self, states: list[dict[str, Any]]) -> None:
-        """``step += 1`` for the inner states the fused kernels stepped, as torch.optim would.
+        """``step += 1`` for the inner states the fused kernels stepped, as torch.optim would (after the
+        launches: a launch that raises leaves the counters as they were).
 
         The counters are 0-d CPU tensors, one per coordinate tensor (630 on SmolLM2): even one foreach add
         walks them one by one (≈ 1 ms per step, on a GPU machine too). So they are made views of one buffer
         the first time and advanced with one add while the same counter objects come back; any other set
         (a weight skipped, a loaded state dict, a user's edit) is advanced with a foreach add and becomes the
         new buffer."""
+        for st in states:
+            if not isinstance(st["step"], Tensor):  # a plain number (a hand-made state)
+                st["step"] += 1
+        states = [st for st in states if isinstance(st["step"], Tensor)]
         if not states:
             return
         counters = [st["step"] for st in states]
@@ -874,7 +896,7 @@ class GemsOptimizer(torch.optim.Optimizer):
         """The zero-size fp32 tensor that stands for a rank-0 subspace's basis or moment (``role``)."""
         key = (role, tuple(shape), device)
         if key not in self._placeholders:
-            self._placeholders[key] = torch.zeros(shape, device=device)
+            self._placeholders[key] = torch.zeros(shape, dtype=torch.float32, device=device)
         return self._placeholders[key]
 
     def _coefficients(self, w: WeightSubspaces, gates: list[float]) -> list[float]:

@@ -111,6 +111,27 @@ def subspace_ranks(bases0, S: int, side: str, M: int, N: int) -> tuple[list[int]
     return ranks, [(r, N) if side == "left" else (M, r) for r in ranks]
 
 
+def flatten(nested: Sequence[Sequence]) -> list:
+    """list[K] of list[S] → the K·S items row by row (the order of the launchers' pointer tables)."""
+    return [x for row in nested for x in row]
+
+
+def check_bases(bases: list[list], D: int, ranks: Sequence[int], device: torch.device) -> bool:
+    """Check that every ``bases[k][s]`` is a D×ranks[s] float32 tensor on ``device`` and make it contiguous in
+    place; True when some basis had to be copied for that (its pointer then names a temporary)."""
+    copied = False
+    for k, row in enumerate(bases):
+        for s, b in enumerate(row):
+            if (not isinstance(b, torch.Tensor) or tuple(b.shape) != (D, ranks[s]) or b.dtype != torch.float32
+                    or b.device != device):
+                raise ValueError(f"bases[{k}][{s}] must be a {D}×{ranks[s]} float32 tensor on {device} (bases are "
+                                 f"fp32 and all weights of a call share their ranks), got "
+                                 f"{tuple(getattr(b, 'shape', ()))} {getattr(b, 'dtype', None)}")
+            row[s] = b.contiguous()
+            copied |= row[s] is not b
+    return copied
+
+
 def check_int32_extent(numel: int, what: str) -> None:
     if numel > _INT32_MAX:
         raise ValueError(f"{what} has {numel} elements; the kernels index with int32 offsets (< 2^31)")

@@ -176,7 +176,7 @@ def back_project_update(
     M, N, dtype, device = U.first_matrix(w0, "weights", "weights")
     D = M if side == "left" else N
 
-    flat = lambda nested: [x for row in nested for x in row]  # noqa: E731
+    flat = U.flatten
     # weights and bases are the same tensors at every step between two refreshes: checked once (U.CHECKED)
     persistent = list(weights) + flat(bases)
     memo_key = ("back_project_update", side, M, N, dtype, device, K, S, id(persistent[0]))
@@ -193,16 +193,7 @@ def back_project_update(
                 writeback.append((w, wc))
             ws.append(wc)
         ranks, coord = U.subspace_ranks(bases[0], S, side, M, N)
-        copied = False
-        for k in range(K):
-            for s in range(S):
-                b = bases[k][s]
-                if (not isinstance(b, torch.Tensor) or tuple(b.shape) != (D, ranks[s]) or b.dtype != torch.float32
-                        or b.device != device):
-                    raise ValueError(f"bases[{k}][{s}] must be a {D}×{ranks[s]} float32 tensor on {device}, got "
-                                     f"{tuple(getattr(b, 'shape', ()))} {getattr(b, 'dtype', None)}")
-                bases[k][s] = b.contiguous()
-                copied |= bases[k][s] is not b
+        copied = U.check_bases(bases, D, ranks, device)
         w_tab, b_tab = U.ptr_table(ws, device), U.ptr_table(flat(bases), device)
         if not copied and not writeback:  # tables of temporary copies must not outlive this call
             U.CHECKED.put(memo_key, persistent, (ranks, coord, w_tab, b_tab))

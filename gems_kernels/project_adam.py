@@ -224,7 +224,7 @@ def project_adam(
             grads[k][t] = g.contiguous()
 
     D = M if side == "left" else N
-    flat = lambda nested: [x for row in nested for x in row]  # noqa: E731
+    flat = U.flatten
     # bases and moments are the same tensors at every step between two refreshes: checked once (U.CHECKED)
     persistent = flat(bases) + flat(exp_avgs) + flat(exp_avg_sqs)
     memo_key = ("project_adam", side, M, N, device, K, S, id(persistent[0]))
@@ -232,17 +232,9 @@ def project_adam(
     writeback = []  # (original, contiguous copy) pairs for in-place outputs that were not contiguous
     if checked is None:
         ranks, coord = U.subspace_ranks(bases[0], S, side, M, N)
-        copied = False
+        copied = U.check_bases(bases, D, ranks, device)
         for k in range(K):
             for s in range(S):
-                b = bases[k][s]
-                if (not isinstance(b, torch.Tensor) or tuple(b.shape) != (D, ranks[s]) or b.dtype != torch.float32
-                        or b.device != device):
-                    raise ValueError(f"bases[{k}][{s}] must be a {D}×{ranks[s]} float32 tensor on {device} (bases "
-                                     f"are fp32 and all weights of a call share their ranks), got "
-                                     f"{tuple(getattr(b, 'shape', ()))} {getattr(b, 'dtype', None)}")
-                bases[k][s] = b.contiguous()
-                copied |= bases[k][s] is not b
                 for name, lst in (("exp_avgs", exp_avgs), ("exp_avg_sqs", exp_avg_sqs)):
                     x = lst[k][s]
                     if (not isinstance(x, torch.Tensor) or tuple(x.shape) != coord[s] or x.dtype != torch.float32

@@ -809,7 +809,7 @@ class GemsOptimizer(torch.optim.Optimizer):
             w, _, grads, _ = item
             for c in w.coords.values():
                 c.grad = None
-            per, real, steps = [], [], set()
+            per, steps = [], set()
             for sub in names:
                 if w.ranks[sub] == 0:  # the contract keeps every subspace in place, empty ones included
                     per.append({name: self._placeholder(w.coord_shape(sub), w.param.device, name)
@@ -825,28 +825,27 @@ class GemsOptimizer(torch.optim.Optimizer):
                 step = st["step"]
                 steps.add(current[id(step)] if id(step) in current else float(step))  # one read for the buffered
                 per.append(st)
-                real.append(st)
             if len(steps) > 1:
                 leftover.append(item)
                 continue
             count = steps.pop() if steps else 0.0
             key = (tuple(w.param.shape), w.param.dtype, w.side, tuple(w.ranks.items()), id(w.group), count)
-            groups.setdefault(key, []).append((w, grads, per, real))
+            groups.setdefault(key, []).append((w, grads, per))
         deltas = {}
         counted: list[dict[str, Any]] = []  # inner states the kernels stepped
         for key, members in groups.items():
             group = members[0][0].group
             beta1, beta2 = group["betas"]
             out = mod.project_adam(
-                [g for _, g, _, _ in members], list(shared_w),
+                [g for _, g, _ in members], list(shared_w),
                 [self._kernel_bases(w) for w, *_ in members],
-                [[st["exp_avg"] for st in per] for _, _, per, _ in members],
-                [[st["exp_avg_sq"] for st in per] for _, _, per, _ in members],
+                [[st["exp_avg"] for st in per] for _, _, per in members],
+                [[st["exp_avg_sq"] for st in per] for _, _, per in members],
                 side=members[0][0].side, step=int(key[-1]) + 1, lr=float(group["lr"]),
                 beta1=float(beta1), beta2=float(beta2), eps=float(group["eps"]))
-            for (w, _, _, real), ds in zip(members, out):
+            for (w, _, per), ds in zip(members, out):
                 deltas[w.index] = dict(zip(names, ds))
-                counted += real
+                counted += [st for st in per if "step" in st]  # not the rank-0 placeholders
         self._advance_step_counters(counted)
         return deltas, leftover
 

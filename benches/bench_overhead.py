@@ -128,8 +128,8 @@ def measure(method: str, backend: str, args) -> dict:
     for _ in range(args.repeats):
         backward()
         synchronize(args.device)
-        # Python's collector paused while timing: a full collection (~0.2 s with transformers loaded, about
-        # every fifth step here, mostly from the forward/backward's garbage) would land in some steps only
+        # Python's collector paused while timing: a full collection (long with transformers loaded, and
+        # mostly due to the forward/backward's garbage) would land in some timed steps and not others
         gc.disable()
         try:
             start = time.perf_counter()

@@ -859,7 +859,7 @@ class GemsOptimizer(torch.optim.Optimizer):
         launches: a launch that raises leaves the counters as they were).
 
         The counters are 0-d CPU tensors, one per coordinate tensor (630 on SmolLM2): even one foreach add
-        walks them one by one (≈ 1 ms per step, on a GPU machine too). So they are made views of one buffer
+        walks them one by one, on a GPU machine too. So they are made views of one buffer
         the first time and advanced with one add while the same counter objects come back; any other set
         (a weight skipped, a loaded state dict, a user's edit) is advanced with a foreach add and becomes the
         new buffer."""

@@ -352,7 +352,7 @@ def _iterative(
     # one dominant singular value a power step on unscaled columns pushes directions 2..r below fp32
     # precision (576×1536 rank 128, σ₁ spiked 100× over an α = 0.5 spectrum: 78% of the exact energy in
     # directions 2..r captured without this QR, 99% with it, `python benches/bench_micro.py`; it costs
-    # ≈ 1.1 ms). The LU basis P·L of the block spans the same space for 0.3–0.6 ms less, but it is not
+    # ≈ 1.1 ms). The LU basis P·L of the block spans the same space for ≈ 0.3 ms less, but it is not
     # orthogonal and the power step's fp32 rounding then costs energy (L15.down_proj rank 128: 0.9921 vs
     # 0.9960, same script), which is the margin the ≥ 99 % target needs.
     q = _orthonormalize(y)[0]

@@ -44,7 +44,7 @@ def _train_gems(model, batches, *, rank, gap, scale, lr, proj_type="std"):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # rank clamping on the narrow layers
         opt = gems.GemsOptimizer(inner, model=model, rank=rank, task_rank=0, update_proj_gap=gap, scale=scale,
-                                 proj_type=proj_type)
+                                 proj_type=proj_type, basis_signs="solver")  # galore-torch keeps svd's signs
     for x, y in batches:
         opt.zero_grad()
         nn.functional.mse_loss(model(x), y).backward()

@@ -28,12 +28,15 @@ def all_reduce_task_gradients(stash, params: list[Tensor], layout: dict | None =
     way (an estimate: the norm of a mean is not the mean of norms) and a non-finite gradient on any rank
     marks the weight non-finite on all."""
     layout = layout or {}
-    world = dist.get_world_size()
     device = params[0].device
     for t in stash.tasks:
         grads, coords, sqnorms = stash.grads[t], stash.coords[t], stash.sqnorms[t]
         n_local = stash.samples[t]
         pieces = []
+        # which parameters have a gradient of this task on some rank: the others (frozen, unused) must come
+        # back without one, or the inner optimizer would step them (weight decay on a frozen weight)
+        present = torch.tensor([float((coords if id(p) in layout else grads).get(id(p)) is not None)
+                                for p in params], device=device)
         for p in params:
             shape = layout.get(id(p), {}).get(t)
             held = coords.get(id(p)) if shape is not None else grads.get(id(p))
@@ -48,27 +51,30 @@ def all_reduce_task_gradients(stash, params: list[Tensor], layout: dict | None =
         meta = torch.tensor([n_local, stash.loss_sum[t]], dtype=torch.float64, device=device)
         for buf in (flat, sq, meta):
             dist.all_reduce(buf)
-        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        for buf in (bad, present):
+            dist.all_reduce(buf, op=dist.ReduceOp.MAX)
         n_total = float(meta[0])
         if n_total > 0:
             flat.div_(n_total)
             sq.div_(n_total)
         offset = 0
-        for p in params:
+        for p, here in zip(params, present.tolist()):
             shape = layout.get(id(p), {}).get(t)
             size = math.prod(shape) if shape is not None else p.numel()
             chunk = flat[offset:offset + size]
+            offset += size
+            if not here:
+                continue
             if shape is not None:
                 coords[id(p)] = chunk.view(shape).clone()
             else:
                 grads[id(p)] = chunk.view_as(p).to(p.dtype).clone()
-            offset += size
         for i, p in enumerate(projected):
             sqnorms[id(p)] = sq[i].clone()
             if bad[i] > 0:
                 stash.nonfinite.add(id(p))
-        stash.samples[t] = n_total
-        stash.loss_sum[t] = float(meta[1]) / world
+        stash.samples[t] = stash.base[t] = n_total  # the stash now holds the global mean
+        stash.loss_sum[t] = float(meta[1])
 
 
 def broadcast_bases(subspaces) -> None:

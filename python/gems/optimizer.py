@@ -28,6 +28,7 @@ MAX_GAP_FACTOR = 8
 NULLSPACE_DECAYS = ("project", "full")
 STASHES = ("full", "projected")
 REFRESH_SCHEDULES = ("aligned", "staggered")
+BASIS_SIGNS = ("canonical", "solver")
 
 
 def _one_of(name: str, value: Any, choices: tuple[str, ...]) -> None:
@@ -147,7 +148,7 @@ class GemsOptimizer(torch.optim.Optimizer):
         nullspace_mode: str = "update",
         nullspace_weight_decay: str = "project",
         target_modules: TargetSpec = None,
-        backend: str | None = "torch",
+        backend: str | None = None,
         refresh: str = "svd",
         state_transfer: str = "keep",
         adaptive_refresh: float | None = None,
@@ -157,6 +158,7 @@ class GemsOptimizer(torch.optim.Optimizer):
         refresh_schedule: str = "aligned",
         target_embeddings: bool = False,
         warm_start: bool = False,
+        basis_signs: str = "canonical",
     ) -> None:
         if not isinstance(inner, torch.optim.Optimizer):
             raise TypeError(f"inner must be a torch.optim.Optimizer instance, got {type(inner).__name__}")
@@ -185,6 +187,7 @@ class GemsOptimizer(torch.optim.Optimizer):
         _one_of("nullspace_weight_decay", nullspace_weight_decay, NULLSPACE_DECAYS)
         _one_of("stash", stash, STASHES)
         _one_of("refresh_schedule", refresh_schedule, REFRESH_SCHEDULES)
+        _one_of("basis_signs", basis_signs, BASIS_SIGNS)
         if not isinstance(target_embeddings, bool):
             raise TypeError(f"target_embeddings must be a bool, got {target_embeddings!r}")
         if target_embeddings and model is None:
@@ -201,7 +204,7 @@ class GemsOptimizer(torch.optim.Optimizer):
         self.track_update_stats = False
         self.backend_request = backend
         self.stash, self.refresh_schedule, self.target_embeddings = stash, refresh_schedule, target_embeddings
-        self.warm_start = bool(warm_start)
+        self.warm_start, self.basis_signs = bool(warm_start), basis_signs
         self._task_grads = TaskGradients(self.tasks)
         self.last_gates: dict[str, float] = {t: 1.0 / len(self.tasks) for t in self.tasks}
         self.last_skipped: list[str] = []
@@ -221,18 +224,32 @@ class GemsOptimizer(torch.optim.Optimizer):
         self._optimizer_load_state_dict_post_hooks = OrderedDict()
         self._patch_step_function()
 
+        # everything that can fail runs before the inner optimizer is touched, so a failed constructor
+        # leaves it as it was and a retry works
+        self._check_inner_params()
         self._subspaces = self._build_subspaces(model, target_modules)
-        clamp_report(self._subspaces, rank, task_rank)
         self._attach_nullspace(model)
-        self._install_coordinates()
         devices = {w.param.device.type for w in self._subspaces} or {"cpu"}
+        # None: the GEMS_BACKEND environment variable, else "auto" (kernels on GPU, torch on CPU)
         self.backend = resolve_backend(backend, device_type="cuda" if "cuda" in devices else "cpu")
         self._auto_backend = requested_backend(backend) == "auto"
+        clamp_report(self._subspaces, rank, task_rank)
+        self._install_coordinates()
 
     # ----------------------------------------------------------------------------------------------
     # construction
     def _inner_params(self) -> list[Tensor]:
         return [p for g in self.inner.param_groups for p in g["params"]]
+
+    def _check_inner_params(self) -> None:
+        """Parameters GEMS cannot step are refused here, not at the first step()."""
+        for i, p in enumerate(self._inner_params()):
+            if p.is_complex():
+                raise TypeError(f"parameter {i} {tuple(p.shape)} is complex ({p.dtype}): GEMS steps real "
+                                "floating-point parameters only (view it as real with torch.view_as_real)")
+            if p.device.type == "meta":
+                raise ValueError(f"parameter {i} {tuple(p.shape)} is on the meta device: materialise the model "
+                                 "(e.g. model.to_empty(device=...) and load its weights) before building GEMS")
 
     def _build_subspaces(self, model: nn.Module | None, target_modules: TargetSpec) -> list[WeightSubspaces]:
         held = {id(p): p for p in self._inner_params()}
@@ -351,8 +368,11 @@ class GemsOptimizer(torch.optim.Optimizer):
                  retain_graph: bool = False) -> None:
         """Compute and stash each task's gradient (accumulating over calls until ``step``/``zero_grad``).
 
-        ``num_samples[t]`` is the number of samples behind task t's (mean) loss in this call; the shared
-        gradient is Σ_t (N_t / N)·G_t, the gradient a mixed batch would give. Omitted: equal weights."""
+        ``num_samples[t]`` is the number of samples behind task t's (mean) loss in this call (0: the task is
+        absent from it). Over several calls (gradient accumulation) G_t is the sample-weighted mean of the
+        calls' gradients, the gradient of the task's mean loss over all its samples, and the shared gradient
+        is Σ_t (N_t / N)·G_t, the gradient of the mean loss over every sample of the step. So pass each call's
+        per-sample mean losses, not losses divided by the number of calls. Omitted: one sample per task."""
         counts = self._task_grads.check_inputs(losses, num_samples)
         params = [p for p in self._all_params if p.requires_grad]
         keep = retain_flags([losses[t] for t in self.tasks], retain_graph)  # shared forward graph?
@@ -360,6 +380,8 @@ class GemsOptimizer(torch.optim.Optimizer):
             self._backward_projected(losses, counts, params, keep)
         else:
             for i, t in enumerate(self.tasks):
+                if counts[t] == 0:
+                    continue  # no samples of this task in this call: its gradient has weight 0
                 grads = torch.autograd.grad(losses[t], params, retain_graph=keep[i], allow_unused=True)
                 self._task_grads.add(t, params, grads, float(losses[t].detach()), counts[t])
         self._task_grads.calls += 1
@@ -401,18 +423,23 @@ class GemsOptimizer(torch.optim.Optimizer):
             if w is not None and id(p) in stash.nonfinite:
                 return  # skipped this step whatever comes next: no refresh, no state change
             if w is None or (id(p) in due and not (refresh_here and task == last_task)):
-                stash.add_full(task, p, g)
+                stash.add_full(task, p, g, alpha=alphas[task])
             elif id(p) in due:
-                earlier = [stash.grads[t].pop(id(p), None) for t in self.tasks[:-1]]
+                earlier = [stash.grads[t].pop(id(p), None) for t in self.tasks[:-1]]  # already weighted
+                g = g if alphas[task] == 1.0 else g * alphas[task]
                 item = self._backward_refresh_job(w, [*earlier, g], mix)
                 if item is not None:
                     with lock:
                         pending.add(item, p.device)
             else:
-                self._stash_projected(w, task, g)
+                self._stash_projected(w, task, g, alphas[task])
 
+        alphas = {}
         try:
             for i, t in enumerate(self.tasks):
+                if counts[t] == 0:
+                    continue  # absent from this call (refresh_here is False then)
+                alphas[t] = stash.weight_of(t, counts[t])
                 handles = [p.register_post_accumulate_grad_hook(lambda q, t=t: on_grad(q, t)) for p in params]
                 try:
                     torch.autograd.backward(losses[t], inputs=params, retain_graph=keep[i])
@@ -425,11 +452,11 @@ class GemsOptimizer(torch.optim.Optimizer):
             for p in params:
                 p.grad = held[id(p)]
 
-    def _stash_projected(self, w: WeightSubspaces, task: str, g: Tensor) -> None:
+    def _stash_projected(self, w: WeightSubspaces, task: str, g: Tensor, alpha: float = 1.0) -> None:
         # no host sync here (this runs inside autograd): a NaN/Inf gradient makes its squared norm non-finite,
         # and step() checks all of them at once (a gradient whose norm overflows counts as non-finite too)
         sq = _norm(g).float().square()
-        self._task_grads.add_projected(task, id(w.param), self._coordinates(w, task, g), sq)
+        self._task_grads.add_projected(task, id(w.param), self._coordinates(w, task, g), sq, alpha)
 
     def _coordinates(self, w: WeightSubspaces, task: str, g: Tensor) -> Tensor:
         """One raw task gradient → its coordinates against [B_sh, B_t] (``nullspace_mode="gradient"``: after
@@ -470,17 +497,20 @@ class GemsOptimizer(torch.optim.Optimizer):
 
     def shared_grad_norm(self) -> float:
         """L2 norm, over every parameter, of the shared gradient Σ_t (N_t/N)·G_t the stash holds now."""
+        # fp64 sums: a finite gradient of 1e20 has a squared norm past fp32's range (torch's clip_grad_norm_
+        # would report inf and zero the gradients; this one clips them)
         stash = self._task_grads
         if stash.empty:
-            return math.sqrt(sum(float(torch.linalg.vector_norm(p.grad, dtype=torch.float32)) ** 2
+            return math.sqrt(sum(float(torch.linalg.vector_norm(p.grad, dtype=torch.float64)) ** 2
                                  for p in self._all_params if p.grad is not None))
+        stash.finalise()
         weights = stash.shared_weights()
         total = 0.0
         for p in self._all_params:
             grads = [stash.grads[t].get(id(p)) for t in self.tasks]
             if any(g is not None for g in grads):
                 shared = reference.shared_gradient([g if g is not None else torch.zeros_like(p) for g in grads], weights)
-                total += float(torch.linalg.vector_norm(shared)) ** 2
+                total += float(torch.linalg.vector_norm(shared, dtype=torch.float64)) ** 2
         return math.sqrt(total + self._projected_shared_sq(weights))
 
     def _projected_shared_sq(self, weights: list[float]) -> float:
@@ -527,6 +557,14 @@ class GemsOptimizer(torch.optim.Optimizer):
                 raise RuntimeError(f"GEMS has {len(self.tasks)} tasks: call opt.backward({{task: loss}}) "
                                    "instead of loss.backward() so each task's gradient is known")
             return {id(w.param): [w.param.grad] for w in self._subspaces}, [1.0]
+        foreign = [self._param_name(p) for p in self._all_params if p.grad is not None]
+        if foreign:
+            # opt.backward's gradients and a .grad from loss.backward() cannot both be meant: refuse rather
+            # than drop one of them silently
+            raise RuntimeError(f"{len(foreign)} parameter(s) have a .grad (from loss.backward()?) while "
+                               f"opt.backward() gradients are stashed: {', '.join(foreign[:5])}. Put every "
+                               "loss into opt.backward (as a task's loss) or call opt.zero_grad() first")
+        stash.finalise()
         if distributed.should_sync(self.sync):
             distributed.all_reduce_task_gradients(stash, self._all_params, self._coordinate_layout())
         weights = stash.shared_weights()
@@ -673,6 +711,12 @@ class GemsOptimizer(torch.optim.Optimizer):
         else:
             deltas = self._inner_step(work)
         self._write_updates(work, deltas, gates)
+        if not stash.empty:
+            # opt.backward's gradients are consumed by the step, the shared .grad GEMS gave the other
+            # parameters included: a second step() without a new opt.backward steps nothing, targeted or not
+            # (the HF Trainer clears grads with model.zero_grad(), which never reaches GEMS' stash)
+            for p in self._plain_params:
+                p.grad = None
         self.last_skipped = skipped
         if skipped:
             warnings.warn(f"GEMS skipped {len(skipped)} parameter(s) with non-finite gradients this step "
@@ -685,7 +729,8 @@ class GemsOptimizer(torch.optim.Optimizer):
         for the refresh are freed before the step goes on."""
         if not jobs:
             return []
-        news = refresh_bases(jobs, task_basis=self.task_basis, method=self.refresh_method, warm_start=self.warm_start)
+        news = refresh_bases(jobs, task_basis=self.task_basis, method=self.refresh_method, warm_start=self.warm_start,
+                             basis_signs=self.basis_signs)
         done = [(j.w, new) for j, new in zip(jobs, news)]
         jobs.clear()
         return done
@@ -965,6 +1010,10 @@ class GemsOptimizer(torch.optim.Optimizer):
     def _plain_name(self, p: Tensor) -> str:
         return f"param{next(i for i, q in enumerate(self._plain_params) if q is p)} {tuple(p.shape)}"
 
+    def _param_name(self, p: Tensor) -> str:
+        w = next((w for w in self._subspaces if w.param is p), None)
+        return w.name if w is not None else self._plain_name(p)
+
     # ----------------------------------------------------------------------------------------------
     # null space and diagnostics
     def _attach_nullspace(self, model: nn.Module | None) -> None:
@@ -982,9 +1031,25 @@ class GemsOptimizer(torch.optim.Optimizer):
                     w.protected = q.to(device=w.param.device, dtype=torch.float32)
                     protected += 1
             w.protect_side = ns.protect_side
+        if model is not None:
+            self._refuse_unprotected(unwrap(model), ns)
         if protected == 0:
             warnings.warn("the null space protects none of the targeted weights (module names differ, or "
                           "every protected dimension is 0): updates are unconstrained", stacklevel=3)
+
+    def _refuse_unprotected(self, model: nn.Module, ns: "nsp.NullSpace") -> None:
+        """A module the null space protects but GEMS does not target would get the inner optimizer's plain,
+        unconstrained update: refuse, naming the modules, instead of silently breaking the guarantee."""
+        targeted = {w.name.removesuffix(".weight") for w in self._subspaces}
+        trainable = {id(p) for p in self._inner_params() if p.requires_grad}
+        loose = [name for name, mod in model.named_modules()
+                 if name in ns and name not in targeted and ns.basis(name) is not None
+                 and isinstance(getattr(mod, "weight", None), Tensor) and id(mod.weight) in trainable]
+        if loose:
+            raise ValueError(f"the null space protects {len(loose)} module(s) that GEMS does not target, whose "
+                             f"updates would leave the null space: {', '.join(loose[:8])}. Target them "
+                             "(target_modules=), freeze them, or calibrate the null space for the targeted "
+                             "modules only")
 
     def _record_update_stats(self, w: WeightSubspaces, ds: dict[str, Tensor], coeffs: list[float]) -> None:
         """Leakage of the update that is applied, and the share of the raw update that the null-space
@@ -1034,6 +1099,7 @@ class GemsOptimizer(torch.optim.Optimizer):
                 "task_basis": self.task_basis, "refresh": self.refresh_method,
                 "state_transfer": self.state_transfer, "adaptive_refresh": self.adaptive_refresh,
                 "stash": self.stash, "refresh_schedule": self.refresh_schedule, "warm_start": self.warm_start,
+                "basis_signs": self.basis_signs,
                 "target_embeddings": self.target_embeddings,
                 "gating": dict(self.gating) if isinstance(self.gating, dict) else self.gating}
 

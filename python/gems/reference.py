@@ -86,13 +86,17 @@ def orthonormalize_against(vectors: Tensor, basis: Tensor, generator: torch.Gene
     q, r = torch.linalg.qr(out)
     diag = r.diagonal().abs()
     scale = vectors.norm(dim=0).clamp_min(torch.finfo(vectors.dtype).tiny)
-    bad = (diag <= 1e-4 * scale).nonzero().flatten().tolist()
-    for j in bad:
+    bad = diag <= 1e-4 * scale
+    for j in bad.nonzero().flatten().tolist():
         g = torch.randn(vectors.shape[0], generator=generator, dtype=torch.float64).to(vectors)
-        keep = torch.cat([basis, q[:, :j], q[:, j + 1:]], dim=1)
+        # only columns already known orthonormal: the QR's other bad columns (e.g. the unit vectors it returns
+        # for an all-zero input) need not be orthogonal to ``basis``, and projecting against a set that is not
+        # orthonormal leaves g overlapping it
+        keep = torch.cat([basis, q[:, ~bad]], dim=1)
         for _ in range(2):
             g = g - keep @ (keep.T @ g)
         q[:, j] = g / g.norm()
+        bad[j] = False
     return q.contiguous()
 
 
@@ -106,11 +110,15 @@ def shared_gradient(task_grads: Sequence[Tensor], weights: Sequence[float]) -> T
 
 
 def heuristic_gates(losses: Sequence[float], grad_norms: Sequence[float], samples: Sequence[float]) -> list[float]:
-    """The authors' gate: 0.4·loss share + 0.4·gradient-norm share + 0.2·sample share, summing to 1."""
+    """The authors' gate: 0.4·loss share + 0.4·gradient-norm share + 0.2·sample share, summing to 1.
+
+    Every gate is ≥ 0: a term whose values are not all non-negative and finite, or sum to 0, is uniform."""
 
     def share(values: Sequence[float]) -> list[float]:
+        # a share is only defined for non-negative values: a negative loss (a log-likelihood with an offset, a
+        # reward) would give a negative gate, turning that task's update into ascent; such a term is uniform
         total = float(sum(values))
-        if not math.isfinite(total) or total <= 0:
+        if not math.isfinite(total) or total <= 0 or any(float(v) < 0 for v in values):
             return [1.0 / len(values)] * len(values)
         return [float(v) / total for v in values]
 

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from gems import nullspace as nsp
 from gems import reference
-from gems.refresh import compute_bases, orthonormalize_against_many
+from gems.refresh import canonical_signs, compute_bases, orthonormalize_against_many
 
 SHARED = "shared"
 # Bytes of pending shared gradients after which the optimizer refreshes the weights collected so far in one
@@ -189,13 +189,18 @@ class RefreshBatch:
 
 
 def refresh_bases(jobs: list[RefreshJob], *, task_basis: str, method: str,
-                  warm_start: bool = False) -> list[dict[str, Tensor]]:
+                  warm_start: bool = False, basis_signs: str = "canonical") -> list[dict[str, Tensor]]:
     """New bases for every job's weight from its gradients: B_sh from the shared gradient, B_t from G_t
     (residual mode: from the part of G_t outside span(B_sh), orthonormalised against B_sh). Returns them
     per job; nothing is assigned, so a failure leaves every weight's bases as they were.
 
     All jobs are refreshed together (same-shape weights batched by compute_bases, each with its own
-    generator, so every weight gets the bases it would get alone up to rounding; "svd" bit for bit)."""
+    generator, so every weight gets the bases it would get alone up to rounding; "svd" bit for bit).
+
+    ``basis_signs="canonical"`` gives every column the sign that makes its largest entry positive (the
+    iterative engines and the residual orthonormalisation always do): an SVD solver's signs are arbitrary
+    and can flip between refreshes, which points moments kept across the refresh (state_transfer="keep")
+    the wrong way. ``"solver"`` keeps svd's own signs, as galore-torch does (bit-for-bit GaLore)."""
     news: list[dict[str, Tensor]] = [{} for _ in jobs]
 
     def bases_for(items: list[tuple[int, str, Tensor]]) -> None:
@@ -208,6 +213,8 @@ def refresh_bases(jobs: list[RefreshJob], *, task_basis: str, method: str,
                                 previous=[jobs[items[k][0]].w.bases.get(items[k][1]) if warm_start else None
                                           for k in ks],
                                 generator=[jobs[items[k][0]].generator for k in ks])
+            if method == "svd" and basis_signs == "canonical":
+                got = [canonical_signs(b) for b in got]
             for k, b in zip(ks, got):
                 i, s, _ = items[k]
                 news[i][s] = b

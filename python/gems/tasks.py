@@ -65,8 +65,12 @@ class TaskGradients:
         self.sqnorms: dict[str, dict[int, Tensor]] = {t: {} for t in self.tasks}
         self.nonfinite: set[int] = set()  # projected weights that saw a NaN/Inf gradient this step
         self.refreshed: set[int] = set()  # weights whose bases were refreshed during this step's backward
-        self.loss_sum = {t: 0.0 for t in self.tasks}
-        self.samples = {t: 0.0 for t in self.tasks}
+        self.loss_sum = {t: 0.0 for t in self.tasks}  # Σ over calls of N_t·loss_t
+        self.samples = {t: 0.0 for t in self.tasks}  # N_t: Σ over calls of the task's sample counts
+        # The stash of task t holds Σ_c (N_t^c / base_t)·g_t^c, so that G_t = stash·base_t / N_t is the
+        # sample-weighted mean over calls (the gradient of the task's mean loss over all its samples). base_t
+        # is N_t of the first call that had the task: one call per step needs no rescaling pass at all.
+        self.base = {t: 0.0 for t in self.tasks}
         self.calls = 0
 
     @property
@@ -96,20 +100,44 @@ class TaskGradients:
 
     def add(self, task: str, params: Sequence[Tensor], grads: Sequence[Tensor | None], loss: float, samples: float):
         seen: set[int] = set()
+        alpha = self.weight_of(task, samples)
         for p, g in zip(params, grads):
             if g is not None:
-                self.add_full(task, p, g, seen)
+                self.add_full(task, p, g, seen, alpha)
         self.count(task, loss, samples)
 
+    def weight_of(self, task: str, samples: float) -> float:
+        """The coefficient N_t^c / base_t with which this call's gradients of ``task`` enter the stash."""
+        if self.base[task] == 0:
+            self.base[task] = samples
+        return samples / self.base[task] if self.base[task] else 0.0
+
     def count(self, task: str, loss: float, samples: float) -> None:
-        self.loss_sum[task] += loss
+        self.loss_sum[task] += loss * samples
         self.samples[task] += samples
 
-    def add_full(self, task: str, p: Tensor, g: Tensor, seen: set[int] | None = None) -> None:
+    def finalise(self) -> None:
+        """Turn every task's stash into its sample-weighted mean over the calls so far (idempotent; more
+        calls may follow)."""
+        for t in self.tasks:
+            n = self.samples[t]
+            if n == 0 or self.base[t] == n:
+                continue
+            coef = self.base[t] / n
+            for g in (*self.grads[t].values(), *self.coords[t].values()):
+                g.mul_(coef)
+            for sq in self.sqnorms[t].values():
+                sq.mul_(coef * coef)
+            self.base[t] = n
+
+    def add_full(self, task: str, p: Tensor, g: Tensor, seen: set[int] | None = None, alpha: float = 1.0) -> None:
         stash = self.grads[task]
         key = id(p)
         if key in stash:
-            stash[key].add_(g)
+            stash[key].add_(g, alpha=alpha)
+            return
+        if alpha != 1.0:  # a task first seen in a later call (alpha is 1 for the call that sets base)
+            stash[key] = g.detach() * alpha
             return
         # autograd hands back fresh tensors: keep them, unless one is an expanded view or is shared by two
         # parameters (then in-place accumulation would write through it), and copy those only.
@@ -118,9 +146,12 @@ class TaskGradients:
             seen.add(g.data_ptr())
         stash[key] = g.detach() if fresh else g.detach().clone(memory_format=torch.contiguous_format)
 
-    def add_projected(self, task: str, key: int, coords: Tensor, sqnorm: Tensor) -> None:
-        """Accumulate one micro-batch's coordinates C and ‖g‖². The norm of the sum needs ⟨G_acc, g⟩, whose
-        full-size operands are gone: it is estimated by ⟨C_acc, C⟩ (the part inside the subspace)."""
+    def add_projected(self, task: str, key: int, coords: Tensor, sqnorm: Tensor, alpha: float = 1.0) -> None:
+        """Accumulate one micro-batch's coordinates C and ‖g‖² (weighted by ``alpha``, see weight_of). The norm
+        of the sum needs ⟨G_acc, g⟩, whose full-size operands are gone: it is estimated by ⟨C_acc, C⟩ (the
+        part inside the subspace)."""
+        if alpha != 1.0:
+            coords, sqnorm = coords * alpha, sqnorm * (alpha * alpha)
         if key in self.coords[task]:
             acc = self.coords[task][key]
             self.sqnorms[task][key].add_(sqnorm + 2 * (acc * coords).sum())
@@ -147,8 +178,8 @@ class TaskGradients:
         return [self.samples[t] / total for t in self.tasks]
 
     def mean_losses(self) -> list[float]:
-        calls = max(self.calls, 1)
-        return [self.loss_sum[t] / calls for t in self.tasks]
+        """Each task's loss averaged over its samples (calls without the task do not count)."""
+        return [self.loss_sum[t] / self.samples[t] if self.samples[t] else 0.0 for t in self.tasks]
 
 
 def _graph_nodes(loss: Tensor) -> set:

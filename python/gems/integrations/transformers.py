@@ -23,11 +23,10 @@ What it overrides and why
       logging. The accelerator's backward is bypassed, so this trainer supports single-process CPU/GPU
       training and DDP through GEMS' own gradient sync (not DeepSpeed, FSDP or fp16 loss scaling; bf16
       autocast via ``args.bf16`` works, there is no loss scaler to bypass).
-    * Gradient accumulation is exact: ``get_batch_samples`` counts, per task, the label tokens of the whole
-      accumulation window, and each micro-batch's task loss is its summed token loss divided by that
-      window count, so after the window the stash holds each task's mean gradient over the window and
-      ``num_samples`` (label tokens per task) make the shared gradient Σ_t (N_t/N)·G_t equal to the
-      gradient of the mixed window's token-mean loss — what the plain Trainer computes.
+    * Gradient accumulation is exact: each micro-batch's task loss is its token mean and ``num_samples`` its
+      label tokens, so ``opt.backward`` makes each task's gradient its token-weighted mean over the window
+      and the shared gradient Σ_t (N_t/N)·G_t the gradient of the mixed window's token-mean loss — what the
+      plain Trainer computes. ``get_batch_samples`` counts the window's tokens only to scale the logged loss.
     * Gradient clipping (``args.max_grad_norm > 0``): GEMS keeps the task gradients in its stash, not in
       ``.grad``, so ``_clip_grad_norm`` measures the norm of the **shared** gradient Σ_t w_t·G_t over
       all parameters (the gradient a plain mixed-batch Trainer would clip) and, if it exceeds the limit,
@@ -196,8 +195,8 @@ class GemsTrainer(Trainer):
     # ------------------------------------------------------------------------------------------ step
     def compute_task_losses(self, model: nn.Module, inputs: dict[str, Any]
                             ) -> tuple[dict[str, Tensor], dict[str, float], Tensor]:
-        """Per-task losses (normalised by the accumulation window's per-task label tokens), per-task label
-        tokens of this micro-batch, and the micro-batch's share of the window's mixed token-mean loss."""
+        """Per-task token-mean losses of this micro-batch, its per-task label tokens, and the micro-batch's
+        share of the accumulation window's mixed token-mean loss (for logging)."""
         inputs = dict(inputs)
         if self.task_column not in inputs:
             raise KeyError(f"GemsTrainer needs a {self.task_column!r} column in every batch (task names or ids)")
@@ -209,17 +208,12 @@ class GemsTrainer(Trainer):
         with self.compute_loss_context_manager():
             outputs = model(**inputs)
         logits = outputs["logits"] if isinstance(outputs, Mapping) else outputs[0]
-        if self._gems_window is not None and self._gems_window_left > 0:
-            den = self._gems_window
-        else:  # no window (called outside the training loop): normalise within the micro-batch
-            den = None
-        losses, counts = task_losses(logits, labels, idx, self.gems_tasks, den)
-        if den is None:
-            total_den = sum(counts.values()) or 1.0
-            mixed = sum(l.detach() * (counts[t] / total_den) for t, l in losses.items())
-        else:
-            total_den = sum(den.values()) or 1.0
-            mixed = sum(l.detach() * (den[t] / total_den) for t, l in losses.items())
+        # opt.backward takes each micro-batch's per-token mean losses with their token counts and averages
+        # over the accumulation window itself, weighting by the counts; the window only scales the logged loss
+        losses, counts = task_losses(logits, labels, idx, self.gems_tasks)
+        window = self._gems_window if self._gems_window is not None and self._gems_window_left > 0 else counts
+        total = sum(window.values()) or 1.0
+        mixed = sum(l.detach() * (counts[t] / total) for t, l in losses.items())
         return losses, counts, mixed
 
     def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None) -> Tensor:

@@ -1103,6 +1103,32 @@ class GemsOptimizer(torch.optim.Optimizer):
                 "target_embeddings": self.target_embeddings,
                 "gating": dict(self.gating) if isinstance(self.gating, dict) else self.gating}
 
+    @staticmethod
+    def _check_saved_weight(w: WeightSubspaces, s: Any) -> None:
+        """One saved weight's entry fits ``w``: keys, shape, side, ranks, and finite orthonormal bases."""
+        lacking = [k for k in ("shape", "step", "bases") if not isinstance(s, Mapping) or k not in s]
+        if lacking:
+            raise ValueError(f"state dict entry for {w.name} lacks {lacking}")
+        if list(s["shape"]) != list(w.param.shape) or s.get("side", w.side) != w.side:
+            raise ValueError(f"state dict weight {s.get('name')} {tuple(s['shape'])} does not match "
+                             f"{w.name} {tuple(w.param.shape)} (side {w.side})")
+        if "ranks" in s and dict(s["ranks"]) != w.ranks:
+            raise ValueError(f"{w.name}: saved ranks {dict(s['ranks'])} differ from {w.ranks}")
+        unknown = sorted(set(s["bases"]) - set(w.bases))
+        if unknown:
+            raise ValueError(f"{w.name}: saved bases for unknown subspaces {unknown}")
+        dim = reference.side_dim(w.param.shape, w.side)
+        for name, b in s["bases"].items():
+            if not isinstance(b, Tensor) or tuple(b.shape) != (dim, w.ranks[name]):
+                raise ValueError(f"{w.name}: saved {name} basis has shape {tuple(getattr(b, 'shape', ()))}, "
+                                 f"expected {(dim, w.ranks[name])}")
+            if not b.is_floating_point() or not bool(torch.isfinite(b).all()):
+                raise ValueError(f"{w.name}: saved {name} basis is not a finite floating-point tensor")
+            err = float((b.double().T @ b.double() - torch.eye(b.shape[1], dtype=torch.float64, device=b.device))
+                        .abs().max()) if b.shape[1] else 0.0
+            if err > 1e-3:
+                raise ValueError(f"{w.name}: saved {name} basis is not orthonormal (max |BᵀB − I| = {err:.1e})")
+
     def state_dict(self) -> dict[str, Any]:
         """Tensors and plain values only: loads with ``torch.load(weights_only=True)``."""
         weights = []
@@ -1115,7 +1141,16 @@ class GemsOptimizer(torch.optim.Optimizer):
                 "last_gates": dict(self.last_gates), "weights": weights, "inner": self.inner.state_dict()}
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        """Restore bases, steps and the inner optimizer's state; bases and coordinate moments stay fp32."""
+        """Restore bases, steps and the inner optimizer's state; bases and coordinate moments stay fp32.
+
+        The whole dict is checked first (keys, shapes, ranks, finite orthonormal bases), so a bad checkpoint
+        raises and loads nothing."""
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(f"state_dict must be a mapping, got {type(state_dict).__name__}")
+        missing = [k for k in ("weights", "inner") if k not in state_dict]
+        if missing:
+            raise ValueError(f"not a GEMS state dict: missing {missing} (got keys {sorted(state_dict)}); "
+                             "save it with GemsOptimizer.state_dict()")
         version = int(state_dict.get("format_version", 1))
         if version > FORMAT_VERSION:
             raise ValueError(f"this GEMS state dict has format_version {version}; this gems reads ≤ {FORMAT_VERSION}. "
@@ -1128,11 +1163,7 @@ class GemsOptimizer(torch.optim.Optimizer):
             raise ValueError(f"state dict has {len(saved)} targeted weights, this optimizer {len(self._subspaces)}: "
                              "build it with the same model, target_modules and inner param groups")
         for w, s in zip(self._subspaces, saved):
-            if list(s["shape"]) != list(w.param.shape) or s.get("side", w.side) != w.side:
-                raise ValueError(f"state dict weight {s.get('name')} {tuple(s['shape'])} does not match "
-                                 f"{w.name} {tuple(w.param.shape)} (side {w.side})")
-            if "ranks" in s and dict(s["ranks"]) != w.ranks:
-                raise ValueError(f"{w.name}: saved ranks {dict(s['ranks'])} differ from {w.ranks}")
+            self._check_saved_weight(w, s)
         self.inner.load_state_dict(state_dict["inner"])
         for w, s in zip(self._subspaces, saved):
             w.step = int(s["step"])

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -172,7 +173,7 @@ def apply_update(
         if decay_basis is None:
             weight.mul_(1 - lr * weight_decay)
         else:
-            w = weight.float()
+            w = weight if weight.dtype == torch.float64 else weight.float()
             decay = remove_component(w, decay_basis.to(w), decay_side)
             weight.copy_((w - lr * weight_decay * decay).to(weight.dtype))
     weight.add_(update.to(weight.dtype))
@@ -217,3 +218,179 @@ def gems_adam_step(
         update = update + (scale * gate) * project_back(d, b.to(work), side)
     apply_update(weight, update, lr=lr, weight_decay=weight_decay, decay_basis=decay_basis, decay_side=decay_side)
     return update
+
+
+# --------------------------------------------------------------------------------------------------
+# The whole multi-task step of one weight, written for reading: the ground truth of every execution path
+# (torch backend, projected stash, Triton, CUDA, DDP, gradient accumulation) in tests/test_reference_step.py.
+# --------------------------------------------------------------------------------------------------
+
+
+def gates(gating, losses: Sequence[float], grad_norms: Sequence[float], samples: Sequence[float]) -> list[float]:
+    """Gate g_t of each task subspace: ``"heuristic"`` (:func:`heuristic_gates`), ``"uniform"`` (1/T), or a
+    sequence of fixed weights in task order. One task: its gate is 1 (or its fixed weight)."""
+    n = len(samples)
+    if not isinstance(gating, str):
+        return [float(g) for g in gating]
+    if n == 1:
+        return [1.0]
+    if gating == "uniform":
+        return [1.0 / n] * n
+    if gating == "heuristic":
+        return heuristic_gates(losses, grad_norms, samples)
+    raise ValueError(f"unknown gating {gating!r}")
+
+
+def canonical_column_signs(basis: Tensor) -> Tensor:
+    """``basis`` with each column negated where needed so that its entry of largest magnitude is positive."""
+    out = basis.clone()
+    for j in range(out.shape[1]):
+        top = int(out[:, j].abs().argmax())
+        if out[top, j] < 0:
+            out[:, j] = -out[:, j]
+    return out
+
+
+@dataclass(frozen=True)
+class StepConfig:
+    """Hyper-parameters of :func:`gems_step` for one weight (the GemsOptimizer option of the same name, and
+    the inner AdamW's ``lr``, ``betas``, ``eps``, ``weight_decay``). ``nullspace`` is the protected basis Q
+    of the weight (d×k, orthonormal) or None."""
+
+    side: str
+    rank: int
+    task_rank: int
+    update_proj_gap: int
+    lr: float
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    scale: float = 1.0
+    task_basis: str = "residual"
+    state_transfer: str = "keep"
+    basis_signs: str = "canonical"
+    nullspace: Tensor | None = None
+    protect_side: str = "input"
+    nullspace_mode: str = "update"
+    nullspace_weight_decay: str = "project"
+
+
+def clamped_ranks(shape: Sequence[int], side: str, rank: int, task_rank: int, task_basis: str) -> tuple[int, int]:
+    """(shared rank, task rank) after clamping to the matrix: a residual task subspace must fit beside the
+    shared one on the basis side."""
+    full = min(int(shape[0]), int(shape[1]))
+    r_sh = min(rank, full)
+    room = side_dim(shape, side) - r_sh if task_basis == "residual" else full
+    return r_sh, min(task_rank, full, room)
+
+
+def ranks(shape: Sequence[int], config: StepConfig) -> tuple[int, int]:
+    return clamped_ranks(shape, config.side, config.rank, config.task_rank, config.task_basis)
+
+
+def initial_state() -> dict:
+    """The state of a weight before its first step: no bases, no moments, a refresh due at once."""
+    return {"step": 0, "next_refresh": 0, "bases": {}, "moments": {}}
+
+
+def _refresh(task_grads: dict[str, Tensor], weights: dict[str, float], shape, config: StepConfig) -> dict[str, Tensor]:
+    """New bases: B_sh = top-r singular vectors of G_sh = Σ_t w_t·G_t; B_t those of G_t (``"independent"``)
+    or of its part outside span(B_sh), orthonormalised against B_sh (``"residual"``)."""
+    r_sh, r_t = ranks(shape, config)
+    signs = canonical_column_signs if config.basis_signs == "canonical" else (lambda b: b)
+    g_sh = sum(weights[t] * g for t, g in task_grads.items())
+    bases = {"shared": signs(top_singular_basis(g_sh, r_sh, config.side))}
+    for t, g in task_grads.items():
+        if r_t == 0:
+            continue
+        if config.task_basis == "independent":
+            bases[t] = signs(top_singular_basis(g, r_t, config.side))
+        else:
+            residual = remove_component(g, bases["shared"], config.side)
+            b = orthonormalize_against(top_singular_basis(residual, r_t, config.side), bases["shared"])
+            bases[t] = canonical_column_signs(b)
+    return bases
+
+
+def _transfer(moments: dict, old: dict[str, Tensor], new: dict[str, Tensor], config: StepConfig) -> dict:
+    """Moments after a refresh: kept as they are (``keep``), dropped (``reset``), or rotated into the new
+    coordinates by R = B_newᵀ·B_old (first moment by R, second by R∘R) (``rotate``)."""
+    if config.state_transfer == "keep":
+        return moments
+    out = {}
+    for s, (m, v, count) in moments.items():
+        if config.state_transfer == "reset":
+            continue
+        rot = new[s].T @ old[s]
+        if config.side == "left":
+            out[s] = (rot @ m, (rot * rot) @ v, count)
+        else:
+            out[s] = (m @ rot.T, v @ (rot * rot).T, count)
+    return out
+
+
+def gems_step(
+    weight: Tensor,
+    task_grads: dict[str, Tensor],
+    num_samples: dict[str, float],
+    state: dict,
+    config: StepConfig,
+    *,
+    task_gates: dict[str, float],
+) -> tuple[Tensor, dict]:
+    """One GEMS step of one weight with an AdamW inner optimizer: returns (new weight, new state); the inputs
+    are not modified. Runs in the dtype of ``weight`` (fp64 for a ground truth).
+
+    ``task_grads[t]`` is task t's mean-loss gradient G_t over its ``num_samples[t]`` samples; ``task_gates``
+    the gates (:func:`gates`: they depend on every weight's gradient norms, not on this one alone)."""
+    work = weight.dtype
+    grads = {t: g.to(work) for t, g in task_grads.items()}
+    total = sum(num_samples.values())
+    mix = {t: num_samples[t] / total for t in grads}  # the shared gradient's weights N_t / N
+    q = None if config.nullspace is None or config.nullspace.shape[1] == 0 else config.nullspace.to(work)
+    protect_on = "right" if config.protect_side in ("input", "weight") else "left"  # ΔW·P or P·ΔW
+
+    def null_part(matrix: Tensor) -> Tensor:
+        return matrix if q is None else remove_component(matrix, q, protect_on)
+
+    if config.nullspace_mode == "gradient":  # the authors' code: project the raw gradients
+        grads = {t: null_part(g) for t, g in grads.items()}
+
+    state = {"step": state["step"], "next_refresh": state["next_refresh"],
+             "bases": {s: b.to(work) for s, b in state["bases"].items()},
+             "moments": {s: (m.to(work).clone(), v.to(work).clone(), c) for s, (m, v, c) in state["moments"].items()}}
+    if state["step"] >= state["next_refresh"]:
+        new = _refresh(grads, mix, weight.shape, config)
+        if state["bases"]:
+            state["moments"] = _transfer(state["moments"], state["bases"], new, config)
+        state["bases"] = new
+        state["next_refresh"] = state["step"] + config.update_proj_gap
+    bases = state["bases"]
+
+    # update mode: the update is P(ΔW). Where P acts on the basis side, P(B·δ) = (P·B)·δ: the coordinates
+    # live in the folded basis B' = P·B (R = B'ᵀG is the gradient of the loss with respect to δ); on the
+    # other side the bases stay as they are and the finished update is projected.
+    fold = q is not None and config.nullspace_mode == "update" and protect_on == config.side
+    used = {s: (remove_component(b, q, "left") if fold else b) for s, b in bases.items()}  # P·B, B being d×r
+
+    g_sh = sum(mix[t] * g for t, g in grads.items())
+    coords = {"shared": project(g_sh, used["shared"], config.side)}
+    coords.update({t: project(g, used[t], config.side) for t, g in grads.items() if t in used})
+
+    beta1, beta2 = config.betas
+    update = torch.zeros_like(weight)
+    for s, r in coords.items():
+        m, v, count = state["moments"].get(s, (torch.zeros_like(r), torch.zeros_like(r), 0))
+        count += 1
+        delta = adam_delta(r, m, v, count, lr=config.lr, beta1=beta1, beta2=beta2, eps=config.eps)
+        state["moments"][s] = (m, v, count)
+        gate = 1.0 if s == "shared" else task_gates[s]
+        update += config.scale * gate * project_back(delta, used[s], config.side)
+    if q is not None and config.nullspace_mode == "update" and not fold:
+        update = null_part(update)
+
+    decay_basis = q if config.nullspace_weight_decay == "project" else None
+    new_weight = apply_update(weight.clone(), update, lr=config.lr, weight_decay=config.weight_decay,
+                              decay_basis=decay_basis, decay_side=protect_on)
+    state["step"] += 1
+    return new_weight, state

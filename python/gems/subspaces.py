@@ -60,11 +60,7 @@ class WeightSubspaces:
         if param.dim() != 2:
             raise ValueError(f"{name}: GEMS projects 2-D weights only, got shape {tuple(param.shape)}")
         side = reference.side_for(param.shape, proj_type)
-        m, n = param.shape
-        full = min(m, n)
-        r_sh = min(rank, full)
-        room = reference.side_dim(param.shape, side) - r_sh if task_basis == "residual" else full
-        r_t = min(task_rank, full, room)
+        r_sh, r_t = reference.clamped_ranks(param.shape, side, rank, task_rank, task_basis)
         ranks = {SHARED: r_sh, **{t: r_t for t in tasks}}
         ws = cls(index=index, name=name, param=param, side=side, ranks=ranks)
         for s, r in ranks.items():

@@ -113,6 +113,8 @@ class TaskGradients:
         return samples / self.base[task] if self.base[task] else 0.0
 
     def count(self, task: str, loss: float, samples: float) -> None:
+        if samples == 0:
+            return  # absent from this call: its loss (often NaN, a mean over nothing) does not count
         self.loss_sum[task] += loss * samples
         self.samples[task] += samples
 
@@ -211,10 +213,5 @@ def retain_flags(losses: Sequence[Tensor], retain_graph: bool) -> list[bool]:
 
 def compute_gates(gating, tasks: Sequence[str], losses, grad_norms, samples) -> list[float]:
     """Gate g_t of every task subspace, summing to 1 (heuristic and uniform) or as fixed by the user."""
-    if len(tasks) == 1:
-        return [1.0] if not isinstance(gating, dict) else [gating[tasks[0]]]
-    if gating == "uniform":
-        return [1.0 / len(tasks)] * len(tasks)
-    if gating == "heuristic":
-        return reference.heuristic_gates(losses, grad_norms, samples)
-    return [gating[t] for t in tasks]
+    fixed = [gating[t] for t in tasks] if isinstance(gating, Mapping) else gating
+    return reference.gates(fixed, losses, grad_norms, samples if samples is not None else [1.0] * len(tasks))

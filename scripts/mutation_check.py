@@ -1,0 +1,112 @@
+"""Break the multi-task update on purpose and report which default-run test catches each break.
+
+Each mutation is applied to a temporary copy of the working tree; the default test run (the README's
+selection, stopping at the first failure, the reference and defect tests first) must fail. Prints a markdown
+table; exits 1 if a mutation survives. Not part of CI (one run per mutation; minutes in all):
+
+    python scripts/mutation_check.py [--only NAME ...]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+OPT, SUB, DIST, TASKS, REF = ("python/gems/optimizer.py", "python/gems/subspaces.py", "python/gems/distributed.py",
+                              "python/gems/tasks.py", "python/gems/reference.py")
+
+# name -> [(file, old, new)]: every `old` must occur in the file
+MUTATIONS: dict[str, list[tuple[str, str, str]]] = {
+    "gates swapped where applied": [
+        (OPT, "self.scale * gates[self.tasks.index(s)]", "self.scale * gates[::-1][self.tasks.index(s)]"),
+        (OPT, "[self.scale] + [self.scale * g for g in gates]", "[self.scale] + [self.scale * g for g in gates[::-1]]")],
+    "gate inputs: squared norms": [(OPT, "norms = [math.sqrt(s) for s in sq]", "norms = [s for s in sq]")],
+    "gate inputs: loss share dropped": [
+        (OPT, "self._task_grads.mean_losses(), norms", "[1.0] * len(self.tasks), norms")],
+    "gate weights 0.4/0.4/0.2 changed": [(REF, "0.4 * a + 0.4 * b + 0.2 * c", "0.2 * a + 0.4 * b + 0.4 * c")],
+    "negative gates allowed again": [(REF, " or any(float(v) < 0 for v in values)", "")],
+    "residual basis from G_t": [
+        (SUB, "grads = [reference.remove_component(g, news[i][SHARED], jobs[i].w.side) for i, g in zip(todo, grads)]",
+         "grads = [g for i, g in zip(todo, grads)]")],
+    "DDP averages ranks unweighted": [
+        (DIST, "(held.float() * n_local).flatten()", "held.float().flatten()"),
+        (DIST, "flat.div_(n_total)", "flat.div_(dist.get_world_size())")],
+    "DDP steps parameters without gradient": [(DIST, "            if not here:\n                continue\n", "")],
+    "shared coordinates mixed uniformly": [
+        (OPT, "        weights = stash.shared_weights()\n        per_weight = {}",
+         "        weights = [1.0 / len(self.tasks)] * len(self.tasks)\n        per_weight = {}")],
+    "plain parameters mixed with swapped weights": [
+        (OPT, "_shared_gradients(plain_grads, weights)", "_shared_gradients(plain_grads, weights[::-1])")],
+    "accumulation sums calls (no sample-weighted mean)": [(TASKS, "coef = self.base[t] / n", "coef = 1.0")],
+    "rotate is the identity": [
+        (SUB, "rot = self.bases[s].T @ old[s]", "rot = torch.eye(self.bases[s].shape[1], device=old[s].device)")],
+    "rotate second moments by R, not R∘R": [
+        (SUB, "r = rot * rot if key in SECOND_ORDER_STATE else rot", "r = rot")],
+    "scale ignored on the shared subspace": [
+        (OPT, "[self.scale if s == SHARED else", "[1.0 if s == SHARED else")],
+    "update sign flipped (torch backend)": [
+        (OPT, "bases = torch.cat([w.work_bases[s] * c for s, c in zip(subs, coeffs)], dim=1)",
+         "bases = torch.cat([w.work_bases[s] * -c for s, c in zip(subs, coeffs)], dim=1)")],
+    "weight decay dropped (torch backend)": [(OPT, "beta = 1.0 - lr * wd", "beta = 1.0")],
+    "null space not folded into the bases": [
+        (SUB, "folded = nsp.fold_into_basis(b, q, self.side, self.protect_side) if q is not None else b",
+         "folded = b")],
+    "projected-side null space skipped": [
+        (OPT, "ds = {s: nsp.project_update(d, w.delta_projector, w.protect_side) for s, d in ds.items()}",
+         "ds = ds")],
+    "solver signs by default": [(SUB, 'if method == "svd" and basis_signs == "canonical":', "if False:")],
+}
+
+TEST_CMD = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-m", "not slow and not gpu",
+            "tests/test_reference_step.py", "tests/test_defects.py", "tests"]
+
+
+def _copy_tree(dst: Path) -> None:
+    ignore = shutil.ignore_patterns(".git", "__pycache__")
+    shutil.copytree(ROOT, dst, ignore=ignore, dirs_exist_ok=True)
+
+
+def run_one(name: str, edits: list[tuple[str, str, str]]) -> tuple[str, float]:
+    with tempfile.TemporaryDirectory(prefix="gems-mut-") as tmp:
+        tmp = Path(tmp)
+        _copy_tree(tmp)
+        for rel, old, new in edits:
+            path = tmp / rel
+            text = path.read_text()
+            if old not in text:
+                raise SystemExit(f"mutation {name!r}: pattern not found in {rel}: {old!r} (update this script)")
+            path.write_text(text.replace(old, new))
+        env = dict(os.environ, PYTHONPATH=f"{tmp / 'python'}{os.pathsep}{tmp}")
+        start = time.time()
+        proc = subprocess.run(TEST_CMD, cwd=tmp, env=env, capture_output=True, text=True)
+        took = time.time() - start
+    if proc.returncode == 0:
+        return "**survived**", took
+    failed = re.search(r"^FAILED (\S+)", proc.stdout, re.M) or re.search(r"^ERROR (\S+)", proc.stdout, re.M)
+    return (failed.group(1) if failed else f"exit {proc.returncode}"), took
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", nargs="*", help="names (substrings) of the mutations to run")
+    args = ap.parse_args()
+    names = [n for n in MUTATIONS if not args.only or any(o in n for o in args.only)]
+    print("| mutation | first failing test | seconds |\n|---|---|---|")
+    survived = 0
+    for name in names:
+        caught, took = run_one(name, MUTATIONS[name])
+        survived += caught == "**survived**"
+        print(f"| {name} | `{caught}` | {took:.0f} |", flush=True)
+    print(f"\n{len(names) - survived} of {len(names)} mutations caught")
+    return 1 if survived else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -322,11 +322,15 @@ def _transfer(moments: dict, old: dict[str, Tensor], new: dict[str, Tensor], con
         if config.state_transfer == "reset":
             continue
         rot = new[s].T @ old[s]
-        if config.side == "left":
-            out[s] = (rot @ m, (rot * rot) @ v, count)
-        else:
-            out[s] = (m @ rot.T, v @ (rot * rot).T, count)
+        out[s] = (rotate_moment(m, rot, config.side), rotate_moment(v, rot, config.side, second_order=True), count)
     return out
+
+
+def rotate_moment(moment: Tensor, rot: Tensor, side: str, *, second_order: bool = False) -> Tensor:
+    """A per-coordinate optimizer state in new coordinates, R = B_newᵀ·B_old: R·M (left) or M·Rᵀ (right);
+    a second-order one (squared gradients) by R∘R, which keeps it non-negative."""
+    r = rot * rot if second_order else rot
+    return r @ moment if side == "left" else moment @ r.T
 
 
 def gems_step(

@@ -138,8 +138,7 @@ class WeightSubspaces:
             for key, value in list(st.items()):
                 if not isinstance(value, Tensor) or tuple(value.shape) != shape:
                     continue
-                r = rot * rot if key in SECOND_ORDER_STATE else rot
-                st[key] = (r @ value) if self.side == "left" else (value @ r.T)
+                st[key] = reference.rotate_moment(value, rot, self.side, second_order=key in SECOND_ORDER_STATE)
 
 
 @dataclass

@@ -56,6 +56,8 @@ FORMAT_VERSION = 1
 PROTECT_SIDES = ("input", "output", "weight")
 MODES = ("absolute", "energy", "topk")
 _SPECTRUM_PREFIX = "__spectrum__."
+# max |QᵀQ − I| accepted for a protected basis (given or loaded): fp32 eigenvectors reach ~1e-6
+ORTHONORMAL_TOL = 1e-4
 
 TargetFilter = Union[None, str, Sequence[str], Callable[[str, nn.Module], bool]]  # = gems.targets.TargetSpec
 
@@ -202,6 +204,28 @@ def _eig_desc(gram: Tensor, noise_dtype: torch.dtype = torch.float64) -> tuple[T
     return vals, vecs
 
 
+def _basis_problem(q: Tensor) -> str | None:
+    """Why the d×k basis ``q`` cannot protect anything (non-finite, not orthonormal), or ``None``."""
+    if q.shape[1] == 0:
+        return None
+    if not bool(torch.isfinite(q).all()):
+        return "has non-finite entries (NaN or Inf)"
+    q64 = q.double()
+    err = float((q64.T @ q64 - torch.eye(q.shape[1], dtype=torch.float64, device=q.device)).abs().max())
+    if not err <= ORTHONORMAL_TOL:
+        return f"must have orthonormal columns (max |QᵀQ − I| = {err:.2e} > {ORTHONORMAL_TOL:g})"
+    return None
+
+
+def _check_finite_gram(name: str, acc: "_CovarianceAccumulator", side: str, n_batches: int) -> None:
+    # one reduction per module after streaming, not one per batch: a NaN/Inf in any batch reaches the sum
+    if not bool(torch.isfinite(acc.gram).all()):
+        raise ValueError(
+            f"null-space calibration: the {side} activations of module {name!r} were not finite (NaN or Inf) "
+            f"in at least one of the {n_batches} calibration batches ({acc.count} rows); check those batches "
+            f"and the model's weights, or use dtype=torch.float64 if finite activations overflowed the sum")
+
+
 def _status(k: int, d: int) -> str:
     return "empty" if k == 0 else ("full" if k == d else "partial")
 
@@ -246,11 +270,9 @@ class NullSpace:
             if q.shape[1] > q.shape[0]:
                 raise ValueError(f"basis of {name!r} has more columns than rows: {tuple(q.shape)}")
             q = q.detach().to(torch.float32).contiguous()
-            if check and q.shape[1]:
-                err = float((q.double().T @ q.double() - torch.eye(q.shape[1], dtype=torch.float64, device=q.device))
-                            .abs().max())
-                if err > 1e-4:
-                    raise ValueError(f"basis of {name!r} must have orthonormal columns (max |QᵀQ − I| = {err:.2e})")
+            problem = _basis_problem(q) if check else None
+            if problem:
+                raise ValueError(f"basis of {name!r} {problem}")
             self._bases[name] = q
         self._spectra = {k: v.detach().to(torch.float64).cpu() for k, v in (spectra or {}).items()}
         self._samples = {k: int(v) for k, v in (samples or {}).items()}
@@ -363,6 +385,9 @@ class NullSpace:
         ``side="weight"``: data-free (``batches`` is ignored and may be ``None``); Q = top right singular
         vectors of each weight; ``"absolute"`` compares singular values to the threshold, ``"energy"``
         uses their squares, ``"topk"`` the count.
+
+        Raises ``ValueError`` naming the module when its activations (or, for ``"weight"``, its weight)
+        were not finite.
         """
         if side not in PROTECT_SIDES:
             raise ValueError(f"side must be one of {PROTECT_SIDES}, got {side!r}")
@@ -380,6 +405,9 @@ class NullSpace:
         if side == "weight":
             for name, mod in targets.items():
                 w = mod.weight.detach().double()
+                if not bool(torch.isfinite(w).all()):
+                    raise ValueError(f"null-space calibration: the weight of module {name!r} is not finite "
+                                     f"(NaN or Inf)")
                 _, s, vh = torch.linalg.svd(w, full_matrices=True)  # all n right singular vectors
                 sv = torch.zeros(w.shape[1], dtype=torch.float64, device=w.device)
                 sv[: s.numel()] = s
@@ -447,6 +475,7 @@ class NullSpace:
                     spectra[name] = torch.zeros(acc.dim, dtype=torch.float64)
                     samples[name] = 0
                     continue
+                _check_finite_gram(name, acc, side, n_batches)
                 vals, vecs = _eig_desc(acc.gram / acc.count, dtype)
                 k = select_rank(vals, threshold, mode)
                 bases[name] = vecs[:, :k].float().contiguous()
@@ -573,11 +602,22 @@ class NullSpace:
             if q is None:
                 raise NullSpaceFormatError(f"{path} lists module {name!r} but holds no basis for it")
             if q.dim() != 2 or list(q.shape) != [info.get("total_dim"), info.get("protected_dim")]:
-                raise NullSpaceFormatError(f"{path}: basis of {name!r} has shape {tuple(q.shape)}, metadata "
-                                           f"says {info.get('total_dim')}×{info.get('protected_dim')}")
+                raise NullSpaceFormatError(f"{path}: basis of module {name!r} has shape {tuple(q.shape)}, "
+                                           f"metadata says {info.get('total_dim')}×{info.get('protected_dim')}")
+            if q.dtype != torch.float32:  # save() always writes fp32
+                raise NullSpaceFormatError(f"{path}: basis of module {name!r} is {q.dtype}, expected torch.float32")
+            problem = _basis_problem(q)
+            if problem:
+                raise NullSpaceFormatError(f"{path}: basis of module {name!r} {problem}; the file is corrupted "
+                                           f"or was edited")
             bases[name] = q.to(device)
-            if _SPECTRUM_PREFIX + name in tensors:
-                spectra[name] = tensors[_SPECTRUM_PREFIX + name]
+            spec = tensors.get(_SPECTRUM_PREFIX + name)
+            if spec is not None:
+                n_eig = info.get("eigenvalues", spec.numel())
+                if spec.dim() != 1 or not spec.is_floating_point() or spec.numel() != n_eig:
+                    raise NullSpaceFormatError(f"{path}: spectrum of module {name!r} is a {spec.dtype} tensor of "
+                                               f"shape {tuple(spec.shape)}, metadata says {n_eig} eigenvalues")
+                spectra[name] = spec
             samples[name] = int(info.get("samples", 0))
             if "weight_shape" in info:
                 shapes[name] = info["weight_shape"]

@@ -651,12 +651,25 @@ class GemsOptimizer(torch.optim.Optimizer):
         the inner optimizer on all coordinates (and on the non-targeted parameters), map back, decay.
 
         A weight whose gradient is not finite is skipped (no refresh, no inner step, no decay; weight and
-        state untouched) and listed in ``opt.last_skipped`` with a warning."""
+        state untouched) and listed in ``opt.last_skipped`` with a warning. ``opt.backward``'s gradients are
+        consumed: a second step without a new ``opt.backward`` steps nothing. A step that raises (a failed
+        refresh) changes nothing and can be retried."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        from_stash = not self._task_grads.empty
         per_weight, shared_w = self._gather_gradients()
+        try:
+            self._step(per_weight, shared_w)
+        except BaseException:
+            if from_stash:  # the shared .grad written for the other parameters is rebuilt by a retry
+                for p in self._plain_params:
+                    p.grad = None
+            raise
+        return loss
+
+    def _step(self, per_weight: dict[int, list[Tensor | None]], shared_w: list[float]) -> None:
         sqnorms, bad_plain = self._checked_sqnorms(per_weight)
         gates = self._gates(sqnorms)
         self.last_gates = dict(zip(self.tasks, gates))
@@ -720,9 +733,8 @@ class GemsOptimizer(torch.optim.Optimizer):
         self.last_skipped = skipped
         if skipped:
             warnings.warn(f"GEMS skipped {len(skipped)} parameter(s) with non-finite gradients this step "
-                          f"(weights and state untouched): {', '.join(skipped[:8])}", RuntimeWarning, stacklevel=2)
+                          f"(weights and state untouched): {', '.join(skipped[:8])}", RuntimeWarning, stacklevel=3)
         self._task_grads.clear()
-        return loss
 
     def _refresh(self, jobs: list[RefreshJob]) -> list[tuple[WeightSubspaces, dict[str, Tensor]]]:
         """(weight, new bases) for the jobs, not yet assigned. Empties ``jobs``, so the shared gradients built

@@ -29,10 +29,14 @@ the basis is completed with seeded random directions orthogonal to the singular 
 
 Numerics: Aᵀ·Q is multiplied by 1/max|A| before the second GEMM, so that A·Aᵀ·Q neither underflows for
 tiny gradients nor overflows for huge ones (the top singular value σ₁ ≥ max|A|, so the product stays
-≥ σ₁ in size). The same max|A| reduction is the finiteness guard: NaN/Inf never reaches a factorisation.
+≥ σ₁ in size). A matrix whose max|A| is outside [2^-SAFE_EXPONENT, 2^SAFE_EXPONENT] (subnormal or near
+the top of fp32's range) is first scaled by a power of two (exact) to max|A| in [0.5, 1): 1/max|A| of a
+subnormal matrix overflows fp32, and Aᵀ·Q of one near 1e37 does. The same max|A| reduction is the
+finiteness guard: NaN/Inf never reaches a factorisation.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -104,6 +108,11 @@ CHOLESKY_QR_TOL = 1e-6
 # The small SVD's U on CUDA gets one more CholeskyQR pass when its columns are orthonormal to less than this.
 POLISHED_TOL = 1e-6
 
+# Iterative engines: a matrix with max|A| outside [2^-SAFE_EXPONENT, 2^SAFE_EXPONENT] is rescaled first
+# (see _normalized). 2^±64 leaves ~2^60 of fp32 range for the sketch's sums, Aᵀ·Q and 1/max|A|, and
+# ordinary gradients never get near it, so they keep the unscaled path.
+SAFE_EXPONENT = 64
+
 # Seed used when no generator is given, so refreshes stay deterministic without touching torch's global
 # random stream (which would change dropout etc. in the user's training run).
 DEFAULT_SEED = 0x6E5
@@ -151,15 +160,39 @@ def _randn(rows: int, cols: int, generator: torch.Generator, device: torch.devic
     return out.to(device=device, dtype=dtype)
 
 
-def _inverse_scales(stack: Tensor) -> Tensor:
-    """1/max|A| per matrix of a b×m×n stack (1 for a zero matrix); raises on NaN/Inf.
-
-    One reduction pass, no copy of the matrices."""
+def _abs_max(stack: Tensor) -> Tensor:
+    """max|A| per matrix of a b×m×n stack; raises on NaN/Inf. One reduction pass, no copy of the matrices."""
     flat = stack.reshape(stack.shape[0], -1)
     scale = torch.maximum(flat.amax(dim=1).abs(), flat.amin(dim=1).abs())  # NaN propagates through both
     if not bool(torch.isfinite(scale).all()):
         raise ValueError("basis refresh got a non-finite matrix (NaN or Inf); skip this refresh instead")
-    return torch.where(scale > 0, scale.reciprocal(), torch.ones_like(scale))
+    return scale
+
+
+def _normalized(a: Tensor) -> tuple[Tensor, Tensor]:
+    """``a`` and 1/max|A| per matrix (b×1×1, ``a``'s dtype; 1 for a zero matrix); raises on NaN/Inf.
+
+    A matrix with max|A| outside [2^-SAFE_EXPONENT, 2^SAFE_EXPONENT] is replaced by A·2^k with max|A·2^k|
+    in [0.5, 1): exact (a power of two; entries pushed below fp32's normal range are < 2^-126 of the
+    largest) and harmless (a basis does not depend on the matrix's scale). Other matrices are not touched,
+    so an ordinary gradient costs one reduction and gets the same basis as without this step."""
+    scale = _abs_max(a)
+    lo, hi = 2.0 ** -SAFE_EXPONENT, 2.0 ** SAFE_EXPONENT
+    if bool(((scale > 0) & ((scale < lo) | (scale > hi))).any()):
+        vals = scale.tolist()
+        shifts = [-math.frexp(v)[1] if v > 0 and not lo <= v <= hi else 0 for v in vals]
+        halves = [k // 2 for k in shifts]
+
+        def factors(exps: list[int]) -> Tensor:
+            return torch.tensor([math.ldexp(1.0, e) for e in exps], dtype=a.dtype, device=a.device).view(-1, 1, 1)
+
+        # two factors: 2^k itself is past fp32's range for a subnormal matrix (k up to 149), its halves are not
+        a = a * factors(halves)
+        a.mul_(factors([k - h for k, h in zip(shifts, halves)]))
+        scale = torch.tensor([math.ldexp(v, k) for v, k in zip(vals, shifts)], dtype=scale.dtype,
+                             device=scale.device)
+    inv = torch.where(scale > 0, scale.reciprocal(), torch.ones_like(scale))
+    return a, inv.to(a.dtype).view(-1, 1, 1)
 
 
 def _complete(basis: Tensor, rank: int, generators: Sequence[torch.Generator]) -> Tensor:
@@ -318,16 +351,16 @@ def _iterative(
     width = min(rank + _oversample(rank, method, oversample), min(m, n))
     if iters is not None and iters < 0:
         raise ValueError(f"iters must be >= 0, got {iters}")
-    inv = _inverse_scales(a).to(a.dtype).view(-1, 1, 1)
+    a, inv = _normalized(a)
     low = a if matmul_dtype in (None, a.dtype) else a.to(matmul_dtype)
     low_t = low.transpose(-2, -1)
 
     def mm(x: Tensor, y: Tensor) -> Tensor:  # product in the matmul dtype (fp32 accumulation), result in a.dtype
         return torch.matmul(x, y.to(low.dtype)).to(a.dtype)
 
-    # Start block: the sketch A·Ω (one pass over A; see _sketch); huge entries are scaled first so that the
-    # signed sums cannot overflow. subspace_iter puts the usable columns of ``previous`` in front of it.
-    y = _sketch(a * inv if bool((inv < 1e-20).any()) else a, width, generators)
+    # Start block: the sketch A·Ω (one pass over A; see _sketch); its signed sums cannot overflow, A having
+    # been rescaled when huge (_normalized). subspace_iter puts the usable columns of ``previous`` in front.
+    y = _sketch(a, width, generators)
     if method == "subspace_iter":
         blocks = []
         for j, prev in enumerate(previous):
@@ -465,7 +498,7 @@ def compute_bases(
         inner = min(shape)
         core_rank = min(rank, inner)
         if method == "svd":
-            _inverse_scales(stack)  # finiteness guard only: the SVD path stays bit-identical to GaLore's
+            _abs_max(stack)  # finiteness guard only: the SVD path stays bit-identical to GaLore's
             # one GaLore call per matrix even in a batch: LAPACK and cuSOLVER loop over a batched SVD anyway
             # (H100, 576×1536: 24.9 ms per matrix batched vs 24.8 alone, benches/bench_micro.py)
             bases = torch.stack([top_singular_basis(m, core_rank, side) for m in stack])

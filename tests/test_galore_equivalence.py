@@ -7,8 +7,9 @@ import torch
 from torch import nn
 
 import gems
+from conftest import require
 
-galore_torch = pytest.importorskip("galore_torch")
+galore_torch = require("galore_torch")
 
 
 def _mlp(dims, seed):

@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import require
 from gems import reference
 from gems.errors import MissingResourceError
 from gems.nullspace import (
@@ -222,7 +223,7 @@ def test_default_targets_skip_lm_head_and_tied_head():
 
 
 def _tiny_llama():
-    transformers = pytest.importorskip("transformers")
+    transformers = require("transformers")
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=2, vocab_size=100,

@@ -38,7 +38,9 @@ def test_batched_shared_gradients_equal_the_reference():
     weights = [0.3, 0.7]
     grads = [[torch.randn(5, 7, generator=g).to(dt) for _ in weights]
              for dt in (torch.float32, torch.bfloat16, torch.float64, torch.float32)]
-    for got, per_task in zip(_shared_gradients(grads, weights), grads):
+    out = _shared_gradients(grads, weights)
+    assert len(out) == len(grads)
+    for got, per_task in zip(out, grads):
         want = reference.shared_gradient(per_task, weights)
         assert got.dtype == want.dtype and torch.equal(got, want)
 
@@ -59,6 +61,7 @@ def test_bases_orthonormal_and_residual_task_bases_orthogonal_to_shared(proj_typ
     model = make_model(3)
     opt = make_opt(model, proj_type=proj_type, rank=5, task_rank=3, task_basis="residual")
     train(model, opt, task_batches(3, seed=4))
+    assert len(opt.subspaces) == 3
     for w in opt.subspaces:
         b_sh = w.bases["shared"]
         eye = torch.eye(b_sh.shape[1])
@@ -109,24 +112,77 @@ if hasattr(torch.optim, "Adafactor"):
     INNERS.append((torch.optim.Adafactor, {"lr": 1e-2}))
 
 
+def _eval(model, batch):
+    with torch.no_grad():
+        return {t: float(v) for t, v in task_losses(model, batch).items()}
+
+
+def _inner_step_on(inner_cls, inner_kw, value, grad):
+    """One step of a fresh inner optimizer on a lone tensor: what it makes of ``grad`` at ``value``."""
+    x = nn.Parameter(value.detach().clone())
+    x.grad = grad.detach().clone()
+    inner_cls([x], **inner_kw).step()
+    return x.detach()
+
+
 @pytest.mark.parametrize("inner_cls,inner_kw", INNERS, ids=lambda v: getattr(v, "__name__", ""))
 def test_any_inner_optimizer_trains_both_tasks(inner_cls, inner_kw):
+    """The first step, by hand, for any inner optimizer: a fresh instance of it steps zero coordinates with the
+    projected gradients (B_shᵀ·Σ_t w_t·G_t and B_tᵀ·G_t), and W moves by scale·(B_sh·δ_sh + Σ_t gate_t·B_t·δ_t)
+    after decoupled decay; plain parameters take one inner step on the shared gradient. Then 40 steps on fresh
+    batches lower both tasks' loss on a held-out batch."""
     model = make_model(7)
-    opt = make_opt(model, inner_cls, inner_kw, rank=4, task_rank=2, update_proj_gap=10)
-    batches = task_batches(1, seed=8) * 40  # the same batch: the loss must go down
-    losses = train(model, opt, batches)
+    opt = make_opt(model, inner_cls, inner_kw, rank=4, task_rank=2, update_proj_gap=10, scale=0.7)
+    batches = task_batches(42, seed=8)  # the same two target maps throughout
+    first, held_out, rest = batches[0], batches[1], batches[2:]
+    before = {id(p): p.detach().clone() for p in model.parameters()}
+    losses = task_losses(model, first)
+    params = list(model.parameters())
+    grads = {t: dict(zip(map(id, params), torch.autograd.grad(losses[t], params, retain_graph=True))) for t in losses}
+    opt.backward(losses)
+    sw = opt._task_grads.shared_weights()
+    opt.step()
+    opt.zero_grad()
+    assert sw == [0.5, 0.5]
+    gates = [opt.last_gates[t] for t in ("a", "b")]
+    assert all(0 < g < 1 for g in gates) and sum(gates) == pytest.approx(1.0)
+    shared = {k: sw[0] * grads["a"][k] + sw[1] * grads["b"][k] for k in grads["a"]}
+    lr, wd = inner_kw["lr"], float(opt.param_groups[0].get("weight_decay", 0.0))
+    assert len(opt.subspaces) == 3
+    targeted = set()
+    for w in opt.subspaces:
+        targeted.add(id(w.param))
+        update = torch.zeros_like(w.param)
+        for s, g, c in [("shared", shared[id(w.param)], 1.0)] + [(t, grads[t][id(w.param)], gate)
+                                                                 for t, gate in zip(("a", "b"), gates)]:
+            coords = reference.project(g, w.bases[s], w.side)
+            delta = _inner_step_on(inner_cls, inner_kw, torch.zeros_like(coords), coords)
+            assert float(delta.abs().max()) > 0, (w.name, s)
+            update += opt.scale * c * reference.project_back(delta, w.bases[s], w.side)
+        want = before[id(w.param)] * (1 - lr * wd) + update
+        torch.testing.assert_close(w.param.detach(), want, rtol=1e-5, atol=1e-7, msg=w.name)
+    plain = [p for p in params if id(p) not in targeted]
+    assert len(plain) == 5  # the inp and out biases, the norm's weight and bias, the 0-d gain
+    for p in plain:
+        torch.testing.assert_close(p.detach(), _inner_step_on(inner_cls, inner_kw, before[id(p)], shared[id(p)]),
+                                   rtol=1e-5, atol=1e-7)
+    start = _eval(model, held_out)
+    train(model, opt, rest)
+    end = _eval(model, held_out)
     for t in ("a", "b"):
-        assert losses[-1][t] < losses[0][t], (inner_cls.__name__, t, losses[0][t], losses[-1][t])
-    targeted = [m.weight for m in (model.inp, model.mid, model.out)]
-    assert not any(k is p for k in opt.inner.state for p in targeted)
+        assert end[t] < 0.95 * start[t], (inner_cls.__name__, t, start[t], end[t])
+    targeted_weights = [m.weight for m in (model.inp, model.mid, model.out)]
+    assert not any(k is p for k in opt.inner.state for p in targeted_weights)
 
 
 def test_inner_holds_coordinates_not_weights_and_state_is_low_rank():
     model = make_model(9)
     opt = make_opt(model, rank=4, task_rank=2)
     train(model, opt, task_batches(2, seed=9))
+    assert len(opt.subspaces) == 3
     for w in opt.subspaces:
         assert all(w.param is not p for g in opt.param_groups for p in g["params"])
+        assert set(w.coords) == {"shared", "a", "b"}
         for s, c in w.coords.items():
             assert c.dtype == torch.float32
             assert opt.inner.state[c]["exp_avg"].shape == w.coord_shape(s)
@@ -236,6 +292,7 @@ def test_rank_clamped_with_a_warning():
     inner = torch.optim.AdamW(model.parameters(), lr=1e-2)
     with pytest.warns(UserWarning, match="clamped"):
         opt = gems.GemsOptimizer(inner, model=model, tasks=["a", "b"], rank=64, task_rank=8)
+    assert len(opt.subspaces) == 3
     for w in opt.subspaces:
         m, n = w.param.shape
         assert w.ranks["shared"] == min(m, n)
@@ -260,6 +317,7 @@ def test_non_finite_gradient_skips_that_weight_and_leaves_state_untouched():
     mid = next(w for w in opt.subspaces if w.name == "mid.weight")
     saved = next(s for s in state["weights"] if s["name"] == "mid.weight")
     assert mid.step == int(saved["step"])
+    assert len(mid.coords) == 3
     for c in mid.coords.values():
         idx = [i for i, p in enumerate(p for g in opt.param_groups for p in g["params"]) if p is c][0]
         before = state["inner"]["state"][idx]
@@ -297,6 +355,7 @@ def test_batched_norms_equal_one_norm_per_tensor():
           torch.randn(30, 20, generator=g).to(torch.bfloat16), torch.randn(20, 30, generator=g).T, torch.zeros(0),
           torch.randn(7, generator=g) * 1e30]
     got, want = _norms(ts), [_norm(t) for t in ts]
+    assert len(got) == len(ts)
     for a, b in zip(got, want):
         assert a.dtype == b.dtype and torch.equal(a, b)
     assert _read_scalars(got) == [float(b) for b in want]
@@ -309,9 +368,12 @@ def test_task_without_gradient_for_a_weight_is_treated_as_zero():
     batch = task_batches(1, seed=17)[0]
     losses = task_losses(model, batch)
     losses["b"] = (model.out(torch.randn(3, 43)) ** 2).mean()  # task b never reaches inp or mid
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
     opt.backward(losses)
     opt.step()
     assert opt.last_skipped == []
+    for n, p in model.named_parameters():  # every weight stepped (inp and mid by task a alone), finitely
+        assert torch.isfinite(p).all() and not torch.equal(p, before[n]), n
 
 
 def test_frozen_and_gradless_params_untouched():
@@ -348,19 +410,35 @@ def test_target_modules_and_lm_head_default():
 
 
 def test_repr_and_deepcopy():
+    """A deep copy of (model, optimizer), taken together, is an independent optimizer in the same state: stepped
+    on the same batch it gives the original's weights and bases bit for bit, and stepping it moves nothing of
+    the original's (nor the other way round)."""
     model = make_model(19)
-    opt = make_opt(model)
+    opt = make_opt(model, update_proj_gap=3)
     train(model, opt, task_batches(2, seed=19))
     assert "GemsOptimizer(tasks=['a', 'b']" in repr(opt) and "AdamW" in repr(opt)
-    clone = copy.deepcopy(opt)
-    before = [w.param.detach().clone() for w in opt.subspaces]
-    clone_model_params = [w.param for w in clone.subspaces]
-    assert all(a is not b for a, b in zip(clone_model_params, (w.param for w in opt.subspaces)))
-    for w in clone.subspaces:
-        w.param.grad = torch.randn_like(w.param)
-    clone.single_task = True  # the copy runs on its own; the original must not move
-    for w, b in zip(opt.subspaces, before):
-        assert torch.equal(w.param, b)
+    model2, clone = copy.deepcopy((model, opt))
+    assert len(clone.subspaces) == len(opt.subspaces) == 3
+    params2 = list(model2.parameters())
+    # the clone steps the copied model's tensors, never the original's
+    assert all(any(w.param is p for p in params2) for w in clone.subspaces)
+    assert all(w.param is not v.param for w, v in zip(clone.subspaces, opt.subspaces))
+    original = [p.detach().clone() for p in model.parameters()]
+    original_bases = [{s: b.clone() for s, b in w.bases.items()} for w in opt.subspaces]
+    batches = task_batches(2, seed=20)  # the second step refreshes the bases (gap 3)
+    train(model2, clone, batches)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), original))  # the original did not move
+    assert all(torch.equal(w.bases[s], b[s]) for w, b in zip(opt.subspaces, original_bases) for s in b)
+    assert [w.step for w in opt.subspaces] == [2, 2, 2] and [w.step for w in clone.subspaces] == [4, 4, 4]
+    assert not all(torch.equal(p, q) for p, q in zip(params2, original))  # the clone did
+    stepped = [p.detach().clone() for p in params2]
+    train(model, opt, batches)
+    assert all(torch.equal(p, q) for p, q in zip(params2, stepped))  # and stepping the original leaves it alone
+    for p, q in zip(model.parameters(), params2):
+        assert torch.equal(p, q)
+    for w, v in zip(opt.subspaces, clone.subspaces):
+        assert w.step == v.step == 4 and set(w.bases) == set(v.bases)
+        assert all(torch.equal(w.bases[s], v.bases[s]) for s in w.bases)
 
 
 def test_step_hooks_and_closure():
@@ -377,8 +455,13 @@ def test_step_hooks_and_closure():
         loss.backward()
         return loss
 
+    before = [p.detach().clone() for p in model.parameters()]
+    with torch.no_grad():
+        expected = float(nn.functional.mse_loss(model(x), y))  # the closure's loss, at the weights before the step
     loss = opt.step(closure)
     assert isinstance(loss, torch.Tensor) and calls == ["pre", "post"]
+    assert float(loss) == pytest.approx(expected, rel=1e-6)
+    assert all(not torch.equal(p, b) for p, b in zip(model.parameters(), before))  # the closure's gradient stepped
 
 
 def test_gates():

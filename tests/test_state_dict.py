@@ -35,8 +35,10 @@ def test_state_dict_is_plain_deterministic_and_weights_only():
     assert torch.equal(sd["weights"][0]["bases"]["shared"], again["weights"][0]["bases"]["shared"])
     loaded = _roundtrip(sd)
     assert loaded["config"] == sd["config"] and loaded["format_version"] == 1
+    assert len(sd["weights"]) == len(loaded["weights"]) == 3
     for a, b in zip(sd["weights"], loaded["weights"]):
-        assert a["name"] == b["name"] and torch.equal(a["step"], b["step"])
+        assert a["name"] == b["name"] and torch.equal(a["step"], b["step"]) and int(a["step"]) == 6
+        assert set(a["bases"]) == set(b["bases"]) == {"shared", "a", "b"}
         for k in a["bases"]:
             assert torch.equal(a["bases"][k], b["bases"][k])
 
@@ -58,8 +60,10 @@ def test_resume_is_bit_exact_across_a_refresh(tmp_path, gap):
     train(fresh, fresh_opt, batches[10:])
     for (n, p), q in zip(model.named_parameters(), fresh.parameters()):
         assert torch.equal(p, q), n
+    assert len(opt.subspaces) == len(fresh_opt.subspaces) == 3
     for w, v in zip(opt.subspaces, fresh_opt.subspaces):
         assert w.step == v.step == 30
+        assert set(w.bases) == set(v.bases) == {"shared", "a", "b"}
         for s in w.bases:
             assert torch.equal(w.bases[s], v.bases[s])
 
@@ -73,7 +77,9 @@ def test_fp32_state_stays_fp32_with_bf16_params():
     model2 = make_model(32).to(torch.bfloat16)
     opt2 = make_opt(model2)
     opt2.load_state_dict(sd)
+    assert len(opt2.subspaces) == 3
     for w in opt2.subspaces:
+        assert len(w.bases) == len(w.coords) == 3
         assert all(b.dtype == torch.float32 for b in w.bases.values())
         for c in w.coords.values():
             assert c.dtype == torch.float32
@@ -94,7 +100,10 @@ def test_older_state_dicts_without_optional_keys_load():
         w.pop("side")
     opt2 = make_opt(make_model(33))
     opt2.load_state_dict(sd)
-    assert [w.step for w in opt2.subspaces] == [w.step for w in opt.subspaces]
+    assert [w.step for w in opt2.subspaces] == [w.step for w in opt.subspaces] == [2, 2, 2]
+    for w, v in zip(opt.subspaces, opt2.subspaces):  # the bases came with it, and the ranks and side were inferred
+        assert w.side == v.side and w.ranks == v.ranks
+        assert all(torch.equal(w.bases[s], v.bases[s]) for s in w.bases)
 
 
 def test_mismatched_state_dicts_raise():

@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 
+from conftest import require
 from gems.recipes import evaluate as E
 from gems.recipes import unified_sr as U
 
@@ -183,8 +184,8 @@ def test_optimizer_state_mib_counts_gems_bases():
 @pytest.mark.slow
 def test_quick_run_end_to_end(tmp_path):
     """``--quick`` on the real model and MovieLens-100K: table, finite metrics, every method moved."""
-    pytest.importorskip("peft")
-    pytest.importorskip("galore_torch")
+    require("peft")
+    require("galore_torch")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.join(os.path.dirname(__file__), "..", "python"),
                                                        os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.run([sys.executable, "-m", "gems.recipes.unified_sr", "--quick", "--out", str(tmp_path),

@@ -85,8 +85,9 @@ def test_protected_module_that_is_not_targeted_is_refused():
 
 # ------------------------------------------------------------------------------------------------ gates
 def test_heuristic_gates_by_hand_and_never_negative():
-    # 0.4·[.25, .75] + 0.4·[.5, .5] + 0.2·[.25, .75]
-    assert reference.heuristic_gates([1.0, 3.0], [2.0, 2.0], [1.0, 3.0]) == pytest.approx([0.35, 0.65])
+    # 0.4·[.25, .75] (loss) + 0.4·[.5, .5] (norm) + 0.2·[.8, .2] (samples): every share differs, so any
+    # other weighting of the three terms changes the result
+    assert reference.heuristic_gates([1.0, 3.0], [2.0, 2.0], [4.0, 1.0]) == pytest.approx([0.46, 0.54])
     # norms, not squared norms: shares [1/3, 2/3], not [1/5, 4/5]
     assert reference.heuristic_gates([1.0, 1.0], [1.0, 2.0], [1.0, 1.0]) == pytest.approx(
         [0.4 * 0.5 + 0.4 / 3 + 0.1, 0.4 * 0.5 + 0.8 / 3 + 0.1])

@@ -30,3 +30,15 @@ def require(module_name: str):
             pytest.fail(f"{msg}; CI installs requirements/ci.txt, so this is a broken CI setup, not a skip",
                         pytrace=False)
         pytest.skip(f"{msg}; pip install -r requirements/ci.txt", allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Small LAPACK calls (the refreshes' SVD and QR on tiny weights) are fastest on one thread; on a CPU
+    shared with other jobs, OpenMP barriers in multi-threaded LAPACK cost up to a second per call (measured:
+    test_every_policy_trains 1.9 s on one thread, 23 s on two under load). Results do not depend on it.
+    Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

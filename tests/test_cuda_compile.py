@@ -179,6 +179,7 @@ def test_cuda_sources_are_free_of_torch_headers(name):
 def test_every_launch_checks_its_error(name):
     lines = (CSRC / name).read_text().splitlines()
     launches = [i for i, line in enumerate(lines) if "<<<" in line and not line.lstrip().startswith("//")]
+    assert launches, f"{name}: no kernel launch (<<<) found; a launch hidden in a macro would go unchecked here"
     for i in launches:
         # the launch statement may span a few lines; its error check must follow right after it
         window = "\n".join(lines[i:i + 6])

@@ -74,7 +74,9 @@ def test_two_rank_training_matches_single_process(stash):
         r1 = torch.load(os.path.join(tmp, "rank1.pt"), weights_only=True)
     for a, b in zip(r0["params"], r1["params"]):
         assert torch.equal(a, b)
+    assert len(r0["bases"]) == len(r1["bases"]) == 3
     for a, b in zip(r0["bases"], r1["bases"]):
+        assert set(a) == set(b) == {"shared", "a", "b"}
         for k in a:
             assert torch.equal(a[k], b[k])
 
@@ -82,6 +84,10 @@ def test_two_rank_training_matches_single_process(stash):
     init = [p.detach().clone() for p in model.parameters()]
     opt = make_opt(model, update_proj_gap=4, **_options(stash))
     _run(model, opt, task_batches(STEPS, seed=41, n=16), slice(0, 16), 16)
+    assert len(r0["params"]) == len(init) == 8
     assert all(not torch.equal(p, q) for p, q in zip(init, r0["params"]))
     for p, q in zip(model.parameters(), r0["params"]):
         torch.testing.assert_close(q, p.detach(), rtol=1e-4, atol=1e-5)
+    for w, b in zip(opt.subspaces, r0["bases"]):  # and the one process's bases span what the ranks' span
+        for k in b:
+            torch.testing.assert_close(b[k] @ b[k].T, w.bases[k] @ w.bases[k].T, rtol=1e-3, atol=1e-4)

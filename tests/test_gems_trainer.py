@@ -106,9 +106,11 @@ def test_trains_and_uses_gems(tmp_path):
     assert after < before - 0.3, (before, after)
     logged = [h for h in trainer.state.log_history if "loss" in h]
     assert logged and all(math.isfinite(h["loss"]) for h in logged)
-    # the scheduler drives the GEMS optimizer's (= inner's) learning rate
-    assert trainer.lr_scheduler.optimizer is trainer.gems_optimizer or \
-        trainer.gems_optimizer.param_groups[0]["lr"] == pytest.approx(trainer.lr_scheduler.get_last_lr()[0])
+    # the scheduler drives the GEMS optimizer's (= inner's) learning rate: warm-up to 3e-3, then cosine down
+    assert trainer.lr_scheduler.optimizer.param_groups is trainer.gems_optimizer.param_groups
+    lrs = [h["learning_rate"] for h in logged]
+    assert len(lrs) == 3 and 3e-3 > lrs[0] > lrs[1] > lrs[2] >= 0, lrs
+    assert trainer.gems_optimizer.param_groups[0]["lr"] == pytest.approx(trainer.lr_scheduler.get_last_lr()[0])
 
 
 def test_task_losses_window_normalisation():

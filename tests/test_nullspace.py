@@ -336,6 +336,7 @@ def test_save_load_roundtrip_bitwise(tmp_path):
     assert back.modules == ns.modules and back.side == ns.side
     assert back.mode == "absolute" and back.threshold == 1e-3
     assert back.report() == ns.report()
+    assert ns.modules == ["0", "2"]
     for name in ns.modules:
         a, b = ns.basis(name), back.basis(name)
         assert a.dtype == b.dtype == torch.float32 and torch.equal(a, b)

@@ -10,6 +10,8 @@ from gems import nullspace as nsp
 from gems.nullspace import NullSpace
 from conftest import require
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny SVDs: see conftest.one_thread
+
 
 def _net(seed=0):
     torch.manual_seed(seed)

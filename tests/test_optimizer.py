@@ -11,6 +11,8 @@ import gems
 from gems import reference
 from helpers import make_model, make_opt, task_batches, task_losses, train
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny SVDs: see conftest.one_thread
+
 
 def test_derived_shared_gradient_equals_mixed_batch_gradient():
     """Σ_t (N_t/N)·G_t equals the gradient of the mean loss over the mixed batch (the authors' third pass)."""

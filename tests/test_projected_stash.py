@@ -11,6 +11,8 @@ import gems
 from gems import reference
 from helpers import make_model, make_opt, task_batches, task_losses, train
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny SVDs: see conftest.one_thread
+
 
 def _run_pair(steps=12, seed=50, **kw):
     out = []
@@ -131,7 +133,7 @@ def test_clip_grad_norm_in_projected_mode():
         if len(tasks) == 1:
             assert norms[1] == pytest.approx(norms[0], rel=1e-5)
         else:
-            assert norms[1] == pytest.approx(norms[0], rel=0.25)
+            assert norms[1] == pytest.approx(norms[0], rel=0.05)  # 2.5% off here
 
 
 def test_staggered_schedule_spreads_refreshes_over_the_gap():

@@ -82,6 +82,7 @@ def test_train_examples_slide_over_history(ml):
     assert len(ex) == sum(len(s) - 1 for s in loo.train.values())
     first = [e for e in ex if e.user == "1"]
     seq = loo.train["1"]
+    assert len(first) == len(seq) - 1 > 0
     for i, e in enumerate(first, start=1):
         assert e.target == seq[i] and e.history == tuple(seq[max(0, i - 5) : i])
         assert e.task == "rec" and e.query is None and e.split == "train"
@@ -110,7 +111,7 @@ def test_queries_deterministic_and_independent_of_subsampling(ml):
     full = make_examples(ml, "test", "search")
     sub = make_examples(ml, "test", "search", max_users=50)
     by_user = {e.user: e.query for e in full}
-    assert all(by_user[e.user] == e.query for e in sub)
+    assert len(sub) == 50 and all(by_user[e.user] == e.query for e in sub)
     assert len({e.query for e in full}) > 500  # varied
 
 
@@ -124,6 +125,7 @@ def _facet_words(item: Item) -> set[str]:
 
 def test_queries_come_from_target_metadata(ml):
     ex = make_examples(ml, "train", "search", max_examples=400, seed=1)
+    assert len(ex) == 400
     for e in ex:
         item = ml.items[e.target]
         assert e.query and e.query == e.query.strip()
@@ -158,6 +160,7 @@ def test_prompts(ml):
 def test_negatives(ml):
     ex = make_examples(ml, "test", max_users=20)
     cands = candidate_lists(ex, ml)
+    assert len(ex) == len(cands) == 20
     for e, c in zip(ex, cands):
         assert c[0] == e.target and len(c) == 100 and len(set(c)) == 100
         assert not set(c[1:]) & set(ml.histories[e.user])

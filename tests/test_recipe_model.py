@@ -129,6 +129,7 @@ def test_local_model_directory_round_trip(tmp_path, tokenizer):
     tokenizer.save_pretrained(tmp_path)
     lm, tok = load_model_and_tokenizer(str(tmp_path))
     assert tok.pad_token is not None and len(tok) == len(tokenizer)
+    assert list(model.state_dict()) == list(lm.state_dict())
     for (n, a), (_, b) in zip(model.state_dict().items(), lm.state_dict().items()):
         assert torch.equal(a, b), n
     lm16, _ = load_model_and_tokenizer(tmp_path, dtype=torch.bfloat16)

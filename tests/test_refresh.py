@@ -101,7 +101,9 @@ def test_svd_matches_reference_bit_for_bit():
         assert torch.equal(compute_basis(g, 9, side), top_singular_basis(g, 9, side))
         # a batch of same-shape matrices too (the optimizer refreshes its weights together)
         mats = [g, decaying(40, 70, seed=5), decaying(40, 70, seed=6)]
-        for b, m in zip(compute_bases(mats, 9, side), mats):
+        batched = compute_bases(mats, 9, side)
+        assert len(batched) == len(mats)
+        for b, m in zip(batched, mats):
             assert torch.equal(b, top_singular_basis(m, 9, side))
 
 
@@ -280,7 +282,8 @@ def test_bf16_matmul_option(method):
     assert basis.dtype == torch.float32 and orth_error(basis) <= 1e-5
     assert captured(g, basis, "left") >= 0.99 * exact_energy(g, 10)
     batched = compute_bases([g, g * 2], 10, "left", method=method, matmul_dtype=torch.bfloat16, generator=_gen())
-    assert all(orth_error(b) <= 1e-5 for b in batched)
+    assert len(batched) == 2 and all(b.shape == (80, 10) and orth_error(b) <= 1e-5 for b in batched)
+    assert all(captured(m, b, "left") >= 0.99 * exact_energy(m, 10) for m, b in zip([g, g * 2], batched))
 
 
 def test_adaptive_default_stops_early_when_warm_start_is_converged(monkeypatch):
@@ -369,6 +372,7 @@ def test_cholesky_path_matches_householder(monkeypatch, method, side):
     house = compute_bases(mats, 10, side, method=method, generator=_gen())
     monkeypatch.setattr(refresh, "_use_cholesky", lambda y: True)
     chol = compute_bases(mats, 10, side, method=method, generator=_gen())
+    assert len(house) == len(chol) == len(mats)
     for g, h, c in zip(mats, house, chol):
         assert torch.isfinite(c).all() and orth_error(c) <= 1e-5
         assert captured(g, c, side) >= (1 - 1e-4) * captured(g, h, side) - 1e-12
@@ -487,6 +491,7 @@ def test_gpu_code_path_on_cpu_matches_cpu_path(gpu_path, monkeypatch, method, si
     got = compute_bases(mats, 10, side, method=method, generator=gens())
     monkeypatch.setattr(gpu_path, "_gpu_path", lambda t: False)  # the CPU path, same draws
     want = compute_bases(mats, 10, side, method=method, generator=gens())
+    assert len(got) == len(want) == len(mats)
     for g, b, w in zip(mats, got, want):
         assert torch.isfinite(b).all() and orth_error(b) <= 1e-5
         assert captured(g, b, side) >= (1 - 1e-4) * captured(g, w, side) - 1e-70

@@ -4,6 +4,8 @@ import torch
 
 from helpers import SameShapesNet, make_model, make_opt, task_batches, train
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny SVDs: see conftest.one_thread
+
 
 def _states(opt):
     return {(w.name, s): {k: v.clone() for k, v in opt.inner.state[c].items()}

@@ -8,6 +8,8 @@ import torch
 import gems
 from helpers import make_model, make_opt, task_batches, train
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny SVDs: see conftest.one_thread
+
 
 def _roundtrip(obj, path=None):
     buf = io.BytesIO() if path is None else path

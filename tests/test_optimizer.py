@@ -462,7 +462,7 @@ def test_step_hooks_and_closure():
         expected = float(nn.functional.mse_loss(model(x), y))  # the closure's loss, at the weights before the step
     loss = opt.step(closure)
     assert isinstance(loss, torch.Tensor) and calls == ["pre", "post"]
-    assert float(loss) == pytest.approx(expected, rel=1e-6)
+    assert float(loss.detach()) == pytest.approx(expected, rel=1e-6)
     assert all(not torch.equal(p, b) for p, b in zip(model.parameters(), before))  # the closure's gradient stepped
 
 

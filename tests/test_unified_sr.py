@@ -152,14 +152,19 @@ def test_empty_split_is_one_line_error(tmp_path, capsys):
     assert rc == 2 and "error:" in err and "Traceback" not in err
 
 
-def test_cli_flags_and_quick_defaults():
-    cfg = U.parse_args(["--quick", "--methods", "gems,lora", "--steps", "3", "--out", "x"])
-    assert cfg.methods == ("gems", "lora") and cfg.steps == 3 and cfg.quick and cfg.tag == "unified_sr_cpu_quick"
-    assert cfg.max_users == U.QUICK["max_users"]
-    with pytest.raises(SystemExit):
-        U.parse_args(["--methods", "sgd"])
-    with pytest.raises(SystemExit):
-        U.parse_args(["--interactions", "a.csv"])
+def test_cli_presets_and_overrides():
+    cfg = U.parse_args(["--preset", "smoke", "--methods", "gems,lora", "--steps", "3", "--out", "x"])
+    assert cfg.methods == ("gems", "lora") and cfg.steps == 3 and cfg.tag == "unified_sr_cpu_smoke"
+    assert cfg.rec_batch == U.PRESETS["smoke"]["rec_batch"]
+    full = U.parse_args(["--preset", "full"])
+    assert full.methods == tuple(U.METHODS) and full.seeds == (0, 1, 2) and full.eval_users is None
+    assert all(len(U.grid_of(full, m)) >= 3 for m in full.methods)
+    d = U.parse_args([])
+    assert d.tag == "unified_sr_cpu" and U.grid_of(d, "gems") == (U.LR_CHOSEN["gems"],)
+    assert U.parse_args(["--lr-grid", "1e-4,3e-4", "--eval-users", "0"]).eval_users is None
+    for bad in (["--methods", "sgd"], ["--interactions", "a.csv"], ["--lr-grid", "0"], ["--steps", "0"]):
+        with pytest.raises(SystemExit):
+            U.parse_args(bad)
 
 
 def test_optimizer_state_mib_counts_gems_bases():
@@ -181,31 +186,123 @@ def test_optimizer_state_mib_counts_gems_bases():
 
 
 # ------------------------------------------------------------------------------------------ end to end
+# Four users, six items: the baselines' test metrics below are computed by hand in the comments.
+#   u1: 1 2 3 | valid 4 | test 5      u2: 1 2 3 | 5 | 6      u3: 3 4 5 | 6 | 1      u4: 2 4 6 | 1 | 3
+# Training counts: 1:2, 2:3, 3:3, 4:2, 5:1, 6:1.  Test masks train + valid, so two items remain per user:
+#   popularity  u1 {5:1, 6:1} tie -> rank 1;  u2 {4:2, 6:1} -> 1;  u3 {1:2, 2:3} -> 1;  u4 {3:3, 5:1} -> 0
+#   transitions (C[1,2]=2, C[2,3]=2, C[3,4]=1, C[4,5]=1, C[2,4]=1, C[4,6]=1, last 3 history items, ties by pop/4)
+#     u1 [2,3,4]: 5 -> 1.25, 6 -> 1.25 tie -> 1;  u2 [2,3,5]: 4 -> 2.5, 6 -> 0.25 -> 1;
+#     u3 [4,5,6]: 1 -> 0.5, 2 -> 0.75 -> 1;       u4 [4,6,1]: 3 -> 0.75, 5 -> 1.25 -> 1
+SEQS = {"u1": [1, 2, 3, 4, 5], "u2": [1, 2, 3, 5, 6], "u3": [3, 4, 5, 6, 1], "u4": [2, 4, 6, 1, 3]}
+POP_NDCG = (3 / math.log2(3) + 1) / 4
+TRANS_NDCG = 1 / math.log2(3)
+
+
+def _synthetic(tmp_path):
+    inter = ["user,item,timestamp"] + [f"{u},{i},{t}" for u, seq in SEQS.items() for t, i in enumerate(seq)]
+    (tmp_path / "inter.csv").write_text("\n".join(inter) + "\n")
+    items = ["item,title,genres,year", "1,Alpha Heist,Crime,1991", "2,Bravo Dream,Comedy|Drama,1992",
+             "3,Charlie Storm,Action,1993", "4,Delta Night,Horror,1994", "5,Echo River,Drama,1995",
+             "6,Foxtrot Moon,Romance|Comedy,1996"]
+    (tmp_path / "items.csv").write_text("\n".join(items) + "\n")
+
+
+def _tiny_model(path):
+    """A 2-layer Llama with the real tokenizer: the pipeline end to end in seconds."""
+    transformers = pytest.importorskip("transformers")
+    from gems.recipes.model import load_tokenizer
+
+    tok = load_tokenizer()
+    cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
+                                   tie_word_embeddings=True)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+
+
+@pytest.fixture(scope="module")
+def synthetic_run(tmp_path_factory):
+    require("peft")
+    require("galore_torch")
+    tmp = tmp_path_factory.mktemp("e2e")
+    _synthetic(tmp)
+    _tiny_model(tmp / "model")
+    argv = ["--interactions", str(tmp / "inter.csv"), "--items", str(tmp / "items.csv"), "--model", str(tmp / "model"),
+            "--methods", "adamw,adamw_rec,galore_ns,gems", "--lr-grid", "1e-3,1e-2", "--seeds", "0,1",
+            "--steps", "2", "--rec-batch", "2", "--search-batch", "2", "--window", "4", "--val-users", "4",
+            "--eval-users", "0", "--val-points", "2", "--num-negatives", "1", "--rank", "4", "--task-rank", "2",
+            "--gap", "1", "--calib-texts", "2", "--ppl-texts", "2", "--cloze-items", "4", "--text-length", "16",
+            "--out", str(tmp / "out"), "--no-progress"]
+    cfg = U.parse_args(argv)
+    return cfg, U.run(cfg)
+
+
+def test_synthetic_baselines_match_hand_computed_metrics(synthetic_run):
+    _, report = synthetic_run
+    rows = {r["method"]: r for r in report["summary"]["rows"]}
+    for task in ("rec", "search"):   # the search test items are the same targets with the same masks
+        assert rows["popularity"][f"{task}/ndcg@10"][0] == pytest.approx(POP_NDCG, abs=1e-12)
+        assert rows["transition"][f"{task}/ndcg@10"][0] == pytest.approx(TRANS_NDCG, abs=1e-12)
+        assert rows["popularity"][f"{task}/hr@10"][0] == 1.0
+    assert report["baselines"]["popularity"]["rec"]["full"] == [1, 1, 1, 0]
+    assert report["baselines"]["transition"]["rec"]["full"] == [1, 1, 1, 1]
+
+
+def test_synthetic_protocol_tunes_on_validation_and_reads_test_per_final(synthetic_run):
+    cfg, report = synthetic_run
+    for m in cfg.methods:
+        grid = report["grid"][m]
+        assert [r["lr"] for r in grid] == [1e-3, 1e-2]
+        assert all("test_ranks" not in r for r in grid)               # the grid never reads the test split
+        best = max(grid, key=lambda r: r["select"])
+        assert report["chosen_lr"][m] == best["lr"]
+        finals = report["finals"][m]
+        assert [r["seed"] for r in finals] == [0, 1] and all(r["lr"] == best["lr"] for r in finals)
+        assert all(len(r["test_ranks"]["rec"]["full"]) == 4 for r in finals)
+        assert all(len(r["losses"]) == 2 and len(r["curve"]) == 2 for r in finals)
+        tasks = U.METHODS[m].tasks
+        assert all(set(r["losses"][0]) == set(tasks) for r in finals)
+        assert finals[0]["select"] == pytest.approx(
+            sum(finals[0]["val"][f"{t}/ndcg@10"] for t in tasks) / len(tasks))
+    # single-task AdamW sees about the tokens of a mixed batch, from its own task only
+    assert report["finals"]["adamw_rec"][0]["tokens"] > 0
+    cis = report["summary"]["ci"]
+    assert {c["vs"] for c in cis} >= {"adamw", "galore_ns", "popularity", "transition", "base"}
+    for c in cis:
+        assert c["lo"] <= c["diff"] <= c["hi"]
+    out = os.path.join(cfg.out, cfg.tag)
+    for ext in (".md", ".csv", ".json", "_runs.jsonl", "_pareto.png", "_val_ndcg.png", "_gems_conflict.png"):
+        assert os.path.isfile(out + ext), ext
+    md = open(out + ".md").read()
+    assert "## Verdict" in md and "| popularity |" in md and "paired bootstrap" in md
+
+
+def test_synthetic_rerun_resumes_without_training(synthetic_run, monkeypatch):
+    cfg, report = synthetic_run
+
+    def no_training(*a, **k):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr(U, "train_run", no_training)
+    again = U.run(cfg)
+    assert again["chosen_lr"] == report["chosen_lr"]
+    assert again["summary"]["table_md"] == report["summary"]["table_md"]
+
+
 @pytest.mark.slow
-def test_quick_run_end_to_end(tmp_path):
-    """``--quick`` on the real model and MovieLens-100K: table, finite metrics, every method moved."""
+def test_smoke_preset_on_the_real_model(tmp_path):
+    """``--preset smoke`` on SmolLM2 and MovieLens-100K: table, finite metrics, the methods moved."""
     require("peft")
     require("galore_torch")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.join(os.path.dirname(__file__), "..", "python"),
                                                        os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, "-m", "gems.recipes.unified_sr", "--quick", "--out", str(tmp_path),
-                           "--no-progress"], capture_output=True, text=True, env=env, timeout=1200)
+    proc = subprocess.run([sys.executable, "-m", "gems.recipes.unified_sr", "--preset", "smoke", "--out", str(tmp_path),
+                           "--no-progress"], capture_output=True, text=True, env=env, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    stem = tmp_path / "unified_sr_cpu_quick"
-    for ext in (".csv", ".json", ".md", "_val_ndcg.png", "_gems_conflict.png"):
-        assert (tmp_path / (stem.name + ext)).is_file(), ext
-    report = json.loads((tmp_path / (stem.name + ".json")).read_text())
-    res = report["results"]
-    assert set(res) == {"base", *U.METHODS}
-    base = res["base"]["test"]
-    assert len(U.METHODS) >= 4 and "base" not in U.METHODS
-    for name in U.METHODS:
-        r = res[name]
-        assert all(math.isfinite(v) for v in r["test"].values()), name
-        assert math.isfinite(r["ppl_after"]) and r["state_mib"] > 0, name
-        # training moved the model: some test metric or the retention perplexity changed
-        moved = any(r["test"][k] != base[k] for k in base) or r["ppl_after"] != report["ppl_before"]
-        assert moved, name
-        assert len(r["losses"]) == report["config"]["steps"]
-    assert res["gems"]["diagnostics"] and any(k.endswith("/cos/search-rec") for k in res["gems"]["diagnostics"][0]["diag"])
+    report = json.loads((tmp_path / "unified_sr_cpu_smoke.json").read_text())
+    base = report["base"]["test_ranks"]
+    for m, recs in report["finals"].items():
+        assert recs and all(math.isfinite(r["retention"]["ppl"]) for r in recs), m
+        assert any(r["test_ranks"] != base for r in recs), m
     assert "| gems |" in proc.stdout

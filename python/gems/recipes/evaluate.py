@@ -31,9 +31,12 @@ __all__ = [
     "collate_left",
     "model_forward",
     "item_token_loss",
+    "row_item_losses",
+    "item_logits",
     "target_ranks",
     "ranking_metrics",
     "score_items",
+    "example_ranks",
     "evaluate_ranking",
     "perplexity",
     "state_bytes",
@@ -78,6 +81,22 @@ def model_forward(model: Any, batch: Mapping[str, Tensor], keep: int, *, autocas
     return out.logits[:, -keep:].float()
 
 
+def item_logits(model: Any, batch: Mapping[str, Tensor], keep: int, item_ids: Tensor, *, head: Any = None,
+                autocast_dtype: torch.dtype | None = None) -> Tensor:
+    """Item scores (B × keep × N_items, fp32) at the last ``keep`` positions: the LM head's item-token
+    logits, or ``head(final hidden state)`` when an item head is given (the decoder is called directly, so
+    no vocabulary-sized logits are computed)."""
+    if head is None:
+        return model_forward(model, batch, keep, autocast_dtype=autocast_dtype)[..., item_ids.to(batch["input_ids"].device)]
+    device_type = batch["input_ids"].device.type
+    ctx = (torch.autocast(device_type, dtype=autocast_dtype) if autocast_dtype is not None
+           else torch.autocast(device_type, enabled=False))
+    with ctx:
+        hidden = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                     position_ids=batch["position_ids"], use_cache=False).last_hidden_state
+    return head(hidden[:, -keep:].float())
+
+
 def item_token_loss(model: Any, batch: Mapping[str, Tensor], *, item_ids: Tensor | None = None,
                     autocast_dtype: torch.dtype | None = None) -> Tensor:
     """Per-example cross-entropy of the appended item token (the batch's last column).
@@ -94,6 +113,32 @@ def item_token_loss(model: Any, batch: Mapping[str, Tensor], *, item_ids: Tensor
     if bool((idx < 0).any()):
         raise ValueError("a target is not an item token")
     return F.cross_entropy(logits[:, item_ids], idx, reduction="none")
+
+
+def row_item_losses(model: Any, rows: Sequence[Any], pad_id: int, item_ids: Tensor, *, head: Any = None,
+                    device: torch.device | str = "cpu", autocast_dtype: torch.dtype | None = None) -> Tensor:
+    """Cross-entropy over the item tokens of every target of ``rows`` (:class:`~gems.recipes.prompts.TrainRow`:
+    the last ``targets`` ids of each row are answers, each predicted from its own prefix), flattened row
+    by row (B-th row's targets in order).
+
+    Left padding puts every row's answers in its last columns, so one forward with
+    ``logits_to_keep = max(targets) + 1`` reads all of them and no other position's logits exist."""
+    if not rows:
+        raise ValueError("row_item_losses needs at least one row")
+    batch = collate_left([r.ids for r in rows], pad_id, device=device)
+    keep = max(r.targets for r in rows) + 1
+    logits = item_logits(model, batch, keep, item_ids, head=head, autocast_dtype=autocast_dtype)[:, :-1]
+    cols = torch.arange(keep - 1, device=logits.device)
+    n = torch.tensor([r.targets for r in rows], device=logits.device)
+    valid = cols.unsqueeze(0) >= (keep - 1 - n).unsqueeze(1)       # the last n predicting positions
+    answers = batch["input_ids"][:, -(keep - 1):]
+    lookup = torch.full((int(max(int(item_ids.max()), int(answers.max()))) + 1,), -1, dtype=torch.long,
+                        device=logits.device)
+    lookup[item_ids.to(logits.device)] = torch.arange(item_ids.numel(), device=logits.device)
+    target = lookup[answers[valid]]
+    if bool((target < 0).any()):
+        raise ValueError("a target is not an item token")
+    return F.cross_entropy(logits[valid], target, reduction="none")
 
 
 def target_ranks(scores: Tensor, target: Tensor) -> Tensor:
@@ -118,7 +163,7 @@ def ranking_metrics(ranks: Tensor | Sequence[int], ks: Iterable[int] = KS) -> di
 
 @torch.no_grad()
 def score_items(model: Any, rows: Sequence[Sequence[int]], item_ids: Tensor, pad_id: int, *,
-                batch_size: int = 32, device: torch.device | str = "cpu",
+                batch_size: int = 32, device: torch.device | str = "cpu", head: Any = None,
                 autocast_dtype: torch.dtype | None = None, progress: Any = None) -> Tensor:
     """Next-token logits at the end of each prompt restricted to ``item_ids`` (N_examples × N_items, fp32,
     on the CPU)."""
@@ -129,8 +174,7 @@ def score_items(model: Any, rows: Sequence[Sequence[int]], item_ids: Tensor, pad
         for start in range(0, len(rows), batch_size):
             chunk = rows[start:start + batch_size]
             batch = collate_left(chunk, pad_id, device=device)
-            logits = model_forward(model, batch, 1, autocast_dtype=autocast_dtype)[:, 0]
-            out.append(logits[:, item_ids.to(logits.device)].cpu())
+            out.append(item_logits(model, batch, 1, item_ids, head=head, autocast_dtype=autocast_dtype)[:, 0].cpu())
             if progress is not None:
                 progress.update(len(chunk))
     finally:
@@ -138,24 +182,36 @@ def score_items(model: Any, rows: Sequence[Sequence[int]], item_ids: Tensor, pad
     return torch.cat(out)
 
 
-def evaluate_ranking(scores: Tensor, targets: Sequence[int], *, seen: Sequence[Sequence[int]] | None = None,
-                     candidates: Sequence[Sequence[int]] | None = None, ks: Iterable[int] = KS,
-                     prefix: str = "") -> dict[str, float]:
-    """Full-catalogue metrics (``seen[i]``: item indices masked for example i, the target never) and, with
-    ``candidates`` (item indices, positive first), the sampled-candidates metrics under ``sampled/``."""
+def example_ranks(scores: Tensor, targets: Sequence[int], *, seen: Sequence[Sequence[int]] | None = None,
+                  candidates: Sequence[Sequence[int]] | None = None) -> tuple[Tensor, Tensor | None]:
+    """0-based rank of each example's target in the full catalogue (``seen[i]`` masked, the target never)
+    and, with ``candidates`` (item indices, positive first), among its sampled candidates."""
     scores = scores.clone()
     target = torch.as_tensor(list(targets), dtype=torch.long)
+    if scores.shape[0] != target.numel():
+        raise ValueError(f"{scores.shape[0]} score rows but {target.numel()} targets")
     if seen is not None:
         for i, s in enumerate(seen):
             idx = [j for j in s if j != int(target[i])]
             if idx:
                 scores[i, idx] = float("-inf")
-    out = {f"{prefix}{k}": v for k, v in ranking_metrics(target_ranks(scores, target), ks).items()}
-    if candidates is not None:
-        cand = torch.as_tensor([list(c) for c in candidates], dtype=torch.long)
-        sub = scores.gather(1, cand) if seen is None else _gather_unmasked(scores, cand)
-        ranks = target_ranks(sub, torch.zeros(len(cand), dtype=torch.long))
-        out.update({f"{prefix}sampled/{k}": v for k, v in ranking_metrics(ranks, (5, 10)).items()})
+    full = target_ranks(scores, target)
+    if candidates is None:
+        return full, None
+    cand = torch.as_tensor([list(c) for c in candidates], dtype=torch.long)
+    sub = scores.gather(1, cand) if seen is None else _gather_unmasked(scores, cand)
+    return full, target_ranks(sub, torch.zeros(len(cand), dtype=torch.long))
+
+
+def evaluate_ranking(scores: Tensor, targets: Sequence[int], *, seen: Sequence[Sequence[int]] | None = None,
+                     candidates: Sequence[Sequence[int]] | None = None, ks: Iterable[int] = KS,
+                     prefix: str = "") -> dict[str, float]:
+    """Full-catalogue metrics (``seen[i]``: item indices masked for example i, the target never) and, with
+    ``candidates`` (item indices, positive first), the sampled-candidates metrics under ``sampled/``."""
+    full, sampled = example_ranks(scores, targets, seen=seen, candidates=candidates)
+    out = {f"{prefix}{k}": v for k, v in ranking_metrics(full, ks).items()}
+    if sampled is not None:
+        out.update({f"{prefix}sampled/{k}": v for k, v in ranking_metrics(sampled, (5, 10)).items()})
     return out
 
 

@@ -316,3 +316,32 @@ def add_item_tokens(
                     else bias[:old_rows].float().mean().to(bias.dtype)
                 )
     return list(ids)
+
+
+class ItemHead(torch.nn.Module):
+    """Item scores from the LM's final hidden state: ``h @ W.T + b`` (one row and one bias per item).
+
+    Starts as the tied LM head's item logits plus a popularity prior: ``W`` = the item tokens' embedding
+    rows at the start (the title means, so search starts from the model's reading of the titles) and ``b``
+    = the centred log(1 + training count). Why a head of its own: with tied rows the output vector of an
+    item is also its input embedding, so the prior has nowhere to live and every item-row step moves both
+    roles at once; here the bias carries popularity from step 0 (a recommender's usual item bias) and the
+    head trains at its own ``head_lr``. The tied item logits and the prior have about the same spread on
+    MovieLens (std over items 1.5 and 1.47), so neither swamps the other at the start."""
+
+    def __init__(self, num_items: int, dim: int, log_prior: "torch.Tensor | None" = None,
+                 rows: "torch.Tensor | None" = None):
+        super().__init__()
+        if num_items < 1 or dim < 1:
+            raise ValueError(f"num_items and dim must be >= 1, got {num_items}, {dim}")
+        w = torch.zeros(num_items, dim) if rows is None else torch.as_tensor(rows, dtype=torch.float32).detach().clone()
+        if w.shape != (num_items, dim) or not bool(torch.isfinite(w).all()):
+            raise ValueError(f"rows must be {num_items} × {dim} finite values")
+        b = torch.zeros(num_items) if log_prior is None else torch.as_tensor(log_prior, dtype=torch.float32).clone()
+        if b.shape != (num_items,) or not bool(torch.isfinite(b).all()):
+            raise ValueError(f"log_prior must be {num_items} finite values")
+        self.weight = torch.nn.Parameter(w)
+        self.bias = torch.nn.Parameter(b - b.mean())
+
+    def forward(self, hidden: "torch.Tensor") -> "torch.Tensor":
+        return torch.nn.functional.linear(hidden, self.weight, self.bias)

@@ -6,7 +6,7 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-__all__ = ["plot_validation", "plot_conflict"]
+__all__ = ["plot_validation", "plot_conflict", "plot_pareto"]
 
 
 def _plt():
@@ -90,6 +90,37 @@ def plot_conflict(history: Sequence[Mapping[str, Any]], path: str, *, pair: str 
     ax1.set_title("summary over layers", fontsize=9)
     ax1.set_xlabel("step")
     ax1.grid(alpha=0.3)
+    return _save(fig, path, title)
+
+
+def plot_pareto(grid: Mapping[str, Sequence[Mapping[str, Any]]], chosen: Mapping[str, float], ppl_before: float,
+                baselines: Mapping[str, Mapping[str, float]], path: str, *, tasks: Sequence[str] = ("rec", "search"),
+                title: str = "") -> str:
+    """One panel per task: validation NDCG@10 against the perplexity increase of every grid point (seed 0),
+    a line per method through its grid, the chosen point circled; non-LLM baselines as horizontal lines
+    (they do not touch the model, so their retention loss is zero)."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5.6 * len(tasks), 4.2), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        key = f"{task}/ndcg@10"
+        for method, recs in grid.items():
+            pts = sorted((r["retention"]["ppl"] - ppl_before, r["val"][key], r["lr"]) for r in recs)
+            xs, ys, _ = zip(*pts)
+            line, = ax.plot(xs, ys, marker="o", ms=4, lw=1, label=method)
+            for x, y, lr in pts:
+                ax.annotate(f"{lr:g}", (x, y), fontsize=6, xytext=(2, 2), textcoords="offset points")
+                if lr == chosen.get(method):
+                    ax.plot([x], [y], marker="o", ms=11, mfc="none", mec=line.get_color(), mew=2)
+        for name, m in baselines.items():
+            if key in m:
+                ax.axhline(m[key], ls="--", lw=0.8, color="gray")
+                ax.annotate(name, (0, m[key]), fontsize=7, color="gray", xytext=(2, 2), textcoords="offset points")
+        ax.set_xscale("symlog", linthresh=1.0)
+        ax.set_title(f"{task}: validation NDCG@10 vs retention loss")
+        ax.set_xlabel("perplexity increase on held-out text (symlog)")
+        ax.set_ylabel("NDCG@10 (validation)")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
     return _save(fig, path, title)
 
 

@@ -1,0 +1,207 @@
+"""The fine-tuning methods of the search + recommendation benchmark, built the same way.
+
+Every method trains the same model under the same rules, so what differs is the update rule alone:
+- the new item rows of the (tied) embedding are trainable in every method, at the shared ``item_lr`` and
+  without weight decay; the text-token rows stay frozen (a gradient mask; LoRA gets the same rows through
+  PEFT's ``trainable_token_indices``), so no method can win or lose by rewriting the vocabulary;
+- the item head (:class:`gems.recipes.model.ItemHead`) trains at the shared ``head_lr``;
+- the body (everything else) is trained at the method's own tuned ``lr``, AdamW betas (0.9, 0.999),
+  eps 1e-6, weight decay 0.01 (the GEMS authors' values);
+- GaLore's rank is GEMS' shared rank plus one task rank per task, so both methods optimise in subspaces
+  of the same total dimension; both refresh their bases every ``gap`` steps with scale 1 (for a targeted
+  weight scale and lr are one degree of freedom, and lr is tuned);
+- ``galore_ns`` keeps every GaLore update of a protected weight in the same null space as GEMS
+  (:class:`NullSpaceUpdate`), so the table separates what the null space adds from what the multi-subspace
+  decomposition adds (``gems_nons`` is the other half of that comparison).
+"""
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from gems.errors import MissingResourceError
+
+__all__ = ["METHODS", "MethodSpec", "NullSpaceUpdate", "build_method", "method_tasks"]
+
+TASKS = ("search", "rec")
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    name: str
+    optimizer: str        # adamw | lora | galore | gems
+    tasks: tuple[str, ...]  # the tasks it trains on
+    nullspace: bool = False
+    about: str = ""
+
+
+METHODS: dict[str, MethodSpec] = {m.name: m for m in (
+    MethodSpec("adamw", "adamw", TASKS, about="full fine-tuning, mixed batches, equal task weights"),
+    MethodSpec("adamw_rec", "adamw", ("rec",), about="single-task AdamW on recommendation only"),
+    MethodSpec("adamw_search", "adamw", ("search",), about="single-task AdamW on search only"),
+    MethodSpec("lora", "lora", TASKS, about="PEFT LoRA on every decoder linear layer"),
+    MethodSpec("galore", "galore", TASKS, about="galore-torch GaLoreAdamW"),
+    MethodSpec("galore_ns", "galore", TASKS, nullspace=True, about="GaLore, updates kept in the GEMS null space"),
+    MethodSpec("gems_nons", "gems", TASKS, about="GEMS without the null space"),
+    MethodSpec("gems", "gems", TASKS, nullspace=True, about="GEMS: shared + per-task subspaces, null space"),
+)}
+
+
+def method_tasks(name: str) -> tuple[str, ...]:
+    return METHODS[name].tasks
+
+
+@dataclass(frozen=True)
+class Hyper:
+    """The shared recipe hyper-parameters a method reads (the run's lr comes separately)."""
+
+    item_lr: float
+    head_lr: float = 3e-4
+    weight_decay: float = 0.01
+    rank: int = 32
+    task_rank: int = 16
+    gap: int = 25
+    lora_r: int = 16
+    refresh: str = "svd"
+    seed: int = 0
+
+
+class NullSpaceUpdate:
+    """Keeps every update of the given weights in a null space, around any optimizer's ``step``.
+
+    ``protect`` maps a weight to its protected basis Q and side; after the wrapped step the weight is reset
+    to ``W_old + project_update(W_new - W_old)`` (the same projection GEMS applies to its own updates), so
+    decay and moments of the wrapped optimizer are included and nothing of the update leaks into Q."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, protect: Mapping[nn.Parameter, torch.Tensor], side: str):
+        self.optimizer = optimizer
+        self.protect = dict(protect)
+        self.side = side
+
+    def __getattr__(self, name: str) -> Any:  # everything else is the wrapped optimizer's
+        return getattr(self.optimizer, name)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        from gems.nullspace import project_update
+
+        before = {p: p.detach().clone() for p in self.protect}
+        out = self.optimizer.step(closure)
+        for p, q in self.protect.items():
+            old = before[p]
+            p.copy_(old + project_update(p - old, q, self.side))
+        return out
+
+
+def _embedding_name(model: nn.Module) -> str:
+    emb = model.get_input_embeddings()
+    for n, m in model.named_modules():
+        if m is emb:
+            return n.split(".")[-1]
+    return "embed_tokens"
+
+
+def _mask_text_rows(model: nn.Module, item_ids: Sequence[int]) -> nn.Parameter:
+    """Freeze the text-token rows of the (tied) embedding by masking their gradient; returns the weight."""
+    emb = model.get_input_embeddings().weight
+    mask = torch.zeros(emb.shape[0], 1, dtype=emb.dtype, device=emb.device)
+    mask[torch.as_tensor(list(item_ids), device=emb.device)] = 1
+    emb.register_hook(lambda g: g * mask)
+    return emb
+
+
+def _groups(body: list[nn.Parameter], items: list[nn.Parameter], lr: float, hp: Hyper,
+            extra: Sequence[nn.Parameter] = ()) -> list[dict[str, Any]]:
+    groups = [{"params": body, "lr": lr, "weight_decay": hp.weight_decay},
+              {"params": items, "lr": hp.item_lr, "weight_decay": 0.0}]
+    if extra:
+        groups.append({"params": list(extra), "lr": hp.head_lr, "weight_decay": 0.0})
+    return groups
+
+
+def _protected(model: nn.Module, nullspace: Any) -> dict[nn.Parameter, torch.Tensor]:
+    out = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.Linear) and name in nullspace:
+            q = nullspace.basis(name)
+            if q is not None:
+                out[mod.weight] = q
+    return out
+
+
+def build_method(name: str, model: nn.Module, item_ids: Sequence[int], lr: float, hp: Hyper,
+                 nullspace: Any = None, extra: Sequence[nn.Parameter] = ()) -> tuple[nn.Module, Any, dict[str, Any]]:
+    """(model to train, optimizer, info) for method ``name``; LoRA returns the PEFT-wrapped model.
+
+    ``extra``: the item head's parameters (their own group at ``head_lr``, no decay)."""
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
+    spec = METHODS[name]
+    if spec.nullspace and nullspace is None:
+        raise ValueError(f"method {name!r} needs a calibrated null space")
+    adam = dict(betas=(0.9, 0.999), eps=1e-6)
+    info: dict[str, Any] = {}
+    if spec.optimizer == "lora":
+        try:
+            from peft import LoraConfig, get_peft_model
+        except ImportError:
+            raise MissingResourceError("method 'lora' needs the peft package; run: pip install peft") from None
+        lcfg = LoraConfig(r=hp.lora_r, lora_alpha=2 * hp.lora_r, lora_dropout=0.0, target_modules="all-linear",
+                          trainable_token_indices={_embedding_name(model): list(item_ids)}, task_type="CAUSAL_LM")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = get_peft_model(model, lcfg)
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        items = [p for n, p in named if "trainable_tokens" in n]
+        body = [p for n, p in named if "trainable_tokens" not in n]
+        if not items or not body:
+            raise RuntimeError("PEFT gave no trainable item rows or no LoRA weights")
+        opt = torch.optim.AdamW(_groups(body, items, lr, hp, extra), **adam)
+        info["trainable_params"] = sum(p.numel() for p in body + items + list(extra))
+        return model, opt, info
+
+    emb = _mask_text_rows(model, item_ids)
+    body = [p for p in model.parameters() if p.requires_grad and p is not emb]
+    items = [emb]
+    info["trainable_params"] = sum(p.numel() for p in body) + len(item_ids) * emb.shape[1] + sum(
+        p.numel() for p in extra)
+    if spec.optimizer == "adamw":
+        return model, torch.optim.AdamW(_groups(body, items, lr, hp, extra), **adam), info
+    total_rank = hp.rank + len(TASKS) * hp.task_rank
+    if spec.optimizer == "galore":
+        try:
+            from galore_torch import GaLoreAdamW
+        except ImportError:
+            raise MissingResourceError("methods 'galore*' need galore-torch; run: pip install galore-torch") from None
+        from gems.targets import select_linear_modules
+
+        targets = {id(m.weight) for _, m in select_linear_modules(model, None)}
+        low = [p for p in body if id(p) in targets]
+        rest = [p for p in body if id(p) not in targets]
+        groups = _groups(rest, items, lr, hp, extra) + [
+                  {"params": low, "lr": lr, "weight_decay": hp.weight_decay, "rank": total_rank,
+                   "update_proj_gap": hp.gap, "scale": 1.0, "proj_type": "std"}]
+        opt = GaLoreAdamW(groups, **adam, no_deprecation_warning=True)
+        info["targeted_weights"] = len(low)
+        if spec.nullspace:
+            protect = {p: q for p, q in _protected(model, nullspace).items() if id(p) in targets}
+            opt = NullSpaceUpdate(opt, protect, nullspace.protect_side)
+            info["protected_weights"] = len(protect)
+        return model, opt, info
+    import gems
+
+    inner = torch.optim.AdamW(_groups(body, items, lr, hp, extra), **adam)
+    kw: dict[str, Any] = dict(model=model, tasks=list(TASKS), rank=hp.rank, task_rank=hp.task_rank,
+                              update_proj_gap=hp.gap, scale=1.0, gating="heuristic", refresh=hp.refresh, seed=hp.seed)
+    if spec.nullspace:
+        kw.update(nullspace=nullspace, nullspace_mode="update")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = gems.GemsOptimizer(inner, **kw)
+    info["targeted_weights"] = len(opt.subspaces)
+    return model, opt, info

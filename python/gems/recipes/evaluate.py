@@ -190,6 +190,11 @@ def example_ranks(scores: Tensor, targets: Sequence[int], *, seen: Sequence[Sequ
     target = torch.as_tensor(list(targets), dtype=torch.long)
     if scores.shape[0] != target.numel():
         raise ValueError(f"{scores.shape[0]} score rows but {target.numel()} targets")
+    # a diverged model must rank last, never first: NaN compares false, which would give rank -1
+    bad_target = ~torch.isfinite(scores.gather(1, target.view(-1, 1)).squeeze(1))
+    scores = torch.nan_to_num(scores, nan=float("-inf"))
+    scores[bad_target] = 0.0
+    scores[bad_target, target[bad_target]] = float("-inf")
     if seen is not None:
         for i, s in enumerate(seen):
             idx = [j for j in s if j != int(target[i])]

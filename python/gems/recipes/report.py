@@ -21,7 +21,8 @@ SAMPLED = ("rec/sampled/ndcg@10", "search/sampled/ndcg@10")
 BASELINE_ABOUT = {"popularity": "most interacted items of the training split",
                   "transition": "next-item counts from the last 3 history items (+ popularity tie-break)",
                   "lexical": "TF-IDF match of the query to title, genres, year (search only)",
-                  "base": "the starting LLM (item tokens added, no training)"}
+                  "base": "the starting LLM (item tokens added, no training) scored through the starting item head, "
+                          "i.e. its tied item logits plus the popularity prior"}
 
 
 def per_user(ranks: dict[str, dict[str, list[int]]], metric: str) -> list[float]:

@@ -72,6 +72,7 @@ from gems.recipes.prompts import Prompts, TrainRow, rec_windows
 __all__ = ["Config", "PRESETS", "parse_args", "main", "run", "METHODS"]
 
 TASKS = ("search", "rec")  # GEMS task order; diagnostics keys read "cos/search-rec"
+RECIPE_VERSION = 1  # bump when a change alters what a finished run in a run log would contain
 HEADLINE = ("rec/ndcg@10", "rec/hr@10", "search/ndcg@10", "search/hr@10")
 
 
@@ -89,6 +90,7 @@ class Config:
     search_history: int = 3
     item_lr: float = 3e-3
     head_lr: float = 3e-4
+    head_init: float = 1.0                   # the head's W starts at head_init × the item rows (0: prior only)
     item_scores: str = "head"                # head: ItemHead (tied rows + popularity prior); tied: the LM head's rows
     weight_decay: float = 0.01
     warmup: float = 0.05
@@ -137,7 +139,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "default": dict(),
     # the experiment of record: every method, a grid of 3 lrs each, 3 seeds, every user
     "full": dict(methods=tuple(METHODS), lr_grid=("grid",), seeds=(0, 1, 2), eval_users=None, val_users=150,
-                 val_points=3, cloze_items=48, calib_texts=32),
+                 val_points=2, cloze_items=48, calib_texts=32),
     # minutes: a pipeline check on the real model and data
     "smoke": dict(methods=("adamw", "gems"), steps=3, rec_batch=2, search_batch=2, eval_users=16, val_users=8,
                   val_points=1, calib_texts=4, ppl_texts=2, cloze_items=8, text_length=32, rank=8, task_rank=4,
@@ -155,7 +157,7 @@ def _methods(text: str) -> tuple[str, ...]:
 
 def _floats(text: str) -> tuple[float, ...]:
     try:
-        vals = tuple(float(x) for x in text.split(",") if x.strip())
+        vals = tuple(dict.fromkeys(float(x) for x in text.split(",") if x.strip()))
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a comma-separated list of numbers: {text!r}") from None
     if not vals or any(not (v > 0 and math.isfinite(v)) for v in vals):
@@ -173,7 +175,7 @@ def _ints(text: str) -> tuple[int, ...]:
     return tuple(dict.fromkeys(vals))
 
 
-_OVERRIDABLE = ("steps", "rec_batch", "search_batch", "window", "search_history", "item_lr", "head_lr", "item_scores", "weight_decay", "warmup",
+_OVERRIDABLE = ("steps", "rec_batch", "search_batch", "window", "search_history", "item_lr", "head_lr", "head_init", "item_scores", "weight_decay", "warmup",
                 "rank", "task_rank", "gap", "lora_r", "refresh", "val_users", "val_points", "num_negatives",
                 "ns_threshold", "ns_mode", "calib_texts", "ppl_texts", "cloze_items", "text_length", "eval_batch_size",
                 "data_seed", "device", "threads", "model", "interactions", "items", "out", "tag")
@@ -227,6 +229,18 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         p.error("--task-rank, --cloze-items and --search-history must be >= 0 and --item-lr > 0")
     if cfg.item_scores not in ("head", "tied"):
         p.error("--item-scores must be head or tied")
+    from gems.nullspace import MODES
+    from gems.refresh import REFRESH_METHODS
+
+    if cfg.refresh not in REFRESH_METHODS:
+        p.error(f"--refresh must be one of {', '.join(REFRESH_METHODS)}")
+    if cfg.ns_mode not in MODES:
+        p.error(f"--ns-mode must be one of {', '.join(MODES)}")
+    for name, ok in (("ns_threshold", cfg.ns_threshold > 0), ("head_lr", cfg.head_lr > 0),
+                     ("weight_decay", cfg.weight_decay >= 0), ("warmup", 0 <= cfg.warmup < 1),
+                     ("num_negatives", cfg.num_negatives >= 1), ("threads", cfg.threads is None or cfg.threads >= 1)):
+        if not ok:
+            p.error(f"--{name.replace('_', '-')} is out of range: {getattr(cfg, name)!r}")
     if cfg.device not in ("cpu", "cuda"):
         p.error("--device must be cpu or cuda")
     if (cfg.interactions is None) != (cfg.items is None):
@@ -334,6 +348,10 @@ def prepare(cfg: Config, tokenizer: Any, item_tokens: Sequence[int], data: D.Int
     return Prepared(data, loo, prompts, rec_rows, pool, val, test, stats, torch.log1p(pop).float())
 
 
+def _mean(xs: Sequence[float]) -> float:
+    return sum(xs) / len(xs)
+
+
 def schedule(prep: Prepared, cfg: Config, tasks: tuple[str, ...], seed: int) -> list[dict[str, list[int]]]:
     """The per-step example indices: epochs over a seeded shuffle of each task's pool. Single-task methods
     take both halves of the batch from their task (same steps, about the same tokens)."""
@@ -342,9 +360,10 @@ def schedule(prep: Prepared, cfg: Config, tasks: tuple[str, ...], seed: int) -> 
     if len(tasks) == 1:
         t = tasks[0]
         other = "search" if t == "rec" else "rec"
-        tok = {"rec": sum(len(r.ids) for r in prep.rec_rows[:64]) / min(64, size["rec"]),
-               "search": sum(len(prep.search_row(k).ids) for k in range(min(64, size["search"])))
-               / min(64, size["search"])}
+        probe = random.Random("gems-token-probe")   # mean row length from a seeded sample of each pool
+        tok = {"rec": _mean([len(prep.rec_rows[k].ids) for k in probe.sample(range(size["rec"]), min(512, size["rec"]))]),
+               "search": _mean([len(prep.search_row(k).ids)
+                                for k in probe.sample(range(size["search"]), min(512, size["search"]))])}
         per = {t: per[t] + max(1, round(per[other] * tok[other] / tok[t]))}
     out: list[dict[str, list[int]]] = []
     rngs = {t: random.Random(f"gems-order-{seed}-{t}") for t in per}  # str seeds hash stably
@@ -499,6 +518,7 @@ def train_run(method: str, lr: float, seed: int, cfg: Config, prep: Prepared, ti
     curve, losses, diag = [], [], []
     train_s = val_s = 0.0
     tokens = 0
+    diverged = 0
     is_gems = spec.optimizer == "gems"
     with _bar(cfg, total=cfg.steps, desc=f"{method} lr={lr:g} s={seed}", leave=False, unit="step") as bar:
         for step, entry in enumerate(plan):
@@ -511,7 +531,9 @@ def train_run(method: str, lr: float, seed: int, cfg: Config, prep: Prepared, ti
                 # one forward per task: each backward covers only its task's rows
                 task_loss = {t: E.row_item_losses(model, r, ev.pad_id, item_ids, head=head, device=cfg.device,
                                                   autocast_dtype=_autocast(cfg)).mean() for t, r in rows.items()}
-                opt.backward({t: task_loss[t] for t in TASKS}, num_samples={t: len(rows[t]) for t in TASKS})
+                # equal task weights, as the mixed-batch methods' objective: the shared gradient
+                # sum_t N_t/N G_t is then the gradient of (rec + search) / 2
+                opt.backward({t: task_loss[t] for t in TASKS}, num_samples={t: 1 for t in TASKS})
                 if step + 1 in checks or step == 0:
                     td = time.perf_counter()
                     diag.append({"step": step + 1, "diag": opt.diagnostics()})
@@ -533,6 +555,9 @@ def train_run(method: str, lr: float, seed: int, cfg: Config, prep: Prepared, ti
             opt.zero_grad(set_to_none=True)
             train_s += time.perf_counter() - t0
             losses.append({t: float(v.detach()) for t, v in task_loss.items()})
+            if not all(math.isfinite(v) for v in losses[-1].values()):
+                diverged = step + 1
+                break
             bar.set_postfix({t: f"{v:.2f}" for t, v in losses[-1].items()})
             bar.update(1)
             if step + 1 in checks:
@@ -540,10 +565,12 @@ def train_run(method: str, lr: float, seed: int, cfg: Config, prep: Prepared, ti
                 curve.append({"step": step + 1, **metrics_of(ev.ranks(model, prep.val, "valid", head))})
                 val_s += time.perf_counter() - tv
     state_mib = optimizer_state_mib(opt)
+    if diverged:  # a non-finite loss: the run is kept (and reported) but can never be selected
+        curve.append({"step": diverged, **metrics_of(ev.ranks(model, prep.val, "valid", head))})
     rec = {"method": method, "lr": lr, "seed": seed, "train_s": train_s, "val_s": val_s, "tokens": tokens,
            "state_mib": state_mib, "curve": curve, "val": curve[-1], "losses": losses, "diagnostics": diag,
-           "retention": ev.retention(model, cloze=False), **info}
-    rec["select"] = _selection_score(rec["val"], spec.tasks)
+           "retention": ev.retention(model, cloze=False), "diverged_at": diverged, **info}
+    rec["select"] = -1.0 if diverged else _selection_score(rec["val"], spec.tasks)
     del opt
     return rec, Trained(model, head)
 
@@ -567,12 +594,26 @@ def new_head(cfg: Config, prep: Prepared, model: Any) -> Any:
         return None
     from gems.recipes.model import ItemHead
 
-    rows = model.get_input_embeddings().weight[prep.prompts.item_tokens].detach().float().cpu()
+    rows = cfg.head_init * model.get_input_embeddings().weight[prep.prompts.item_tokens].detach().float().cpu()
     return ItemHead(len(prep.data.items), model.config.hidden_size, prep.log_prior, rows).to(cfg.device)
 
 
 def _selection_score(val: dict[str, float], tasks: Sequence[str]) -> float:
     return sum(val[f"{t}/ndcg@10"] for t in tasks) / len(tasks)
+
+
+def fingerprint(prep: Prepared, model: Any) -> str:
+    """A hash of the evaluation examples (users, targets, prompts) and the model's architecture and first
+    weights: a run log only resumes runs made on the same data and model."""
+    h = hashlib.sha256()
+    for sets in (prep.val, prep.test):
+        for t in sorted(sets):
+            s = sets[t]
+            h.update(json.dumps([s.users, s.targets, s.rows], separators=(",", ":")).encode())
+    h.update(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
+    first = next(model.parameters()).detach().float().cpu()
+    h.update(first.flatten()[:4096].numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def optimizer_state_mib(opt: Any) -> float:
@@ -596,16 +637,24 @@ def nullspace_mib(ns: Any) -> float:
 class RunLog:
     """Finished runs as JSON lines keyed by the configuration that decides them: a rerun skips them."""
 
-    def __init__(self, path: str, cfg: Config, fresh: bool):
+    def __init__(self, path: str, cfg: Config, fresh: bool, fingerprint: str = ""):
+        """``fingerprint``: what the config does not show (the evaluation users and targets, the model)."""
         self.path = path
         keep = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name not in (
-            "methods", "lr_grid", "seeds", "device", "threads", "out", "tag", "plots", "progress", "fresh", "argv",
+            "methods", "lr_grid", "seeds", "threads", "out", "tag", "plots", "progress", "fresh", "argv",
             "preset", "eval_batch_size")}
+        from gems.version import __version__
+
+        keep.update(recipe=RECIPE_VERSION, gems=__version__, fingerprint=fingerprint)
         self.key = hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
         self.done: dict[tuple[str, str, float, int], dict[str, Any]] = {}
         if fresh and os.path.exists(path):
             os.remove(path)
         if os.path.exists(path):
+            with open(path, "rb+") as f:   # a line cut by a kill: drop it so the next record starts clean
+                data = f.read()
+                if data and not data.endswith(b"\n"):
+                    f.truncate(data.rfind(b"\n") + 1)
             with open(path, encoding="utf-8") as f:
                 for line in f:
                     try:
@@ -640,6 +689,10 @@ def run(cfg: Config) -> dict[str, Any]:
     data = D.load_interactions(cfg.interactions, cfg.items)
     titles = data.titles()
     base, tokenizer, ids = load_fresh(cfg, titles)
+    out_emb = base.get_output_embeddings()
+    if out_emb is not None and out_emb.weight is not base.get_input_embeddings().weight:
+        # the shared rule "only item rows of the vocabulary train" is written for tied embeddings
+        raise DataError("the benchmark needs a model with tied input/output embeddings (tie_word_embeddings)")
     prep = prepare(cfg, tokenizer, ids, data)
     print(f"data: {prep.stats}", file=sys.stderr)
     pad_id = _pad_id(tokenizer)
@@ -652,7 +705,7 @@ def run(cfg: Config) -> dict[str, Any]:
 
         cloze = build_cloze(heldout, n_items=cfg.cloze_items, seed=cfg.data_seed)
     ev = Evaluator(cfg, prep, item_ids, pad_id, tokenizer, ppl_batches, cloze)
-    log = RunLog(os.path.join(cfg.out, cfg.tag + "_runs.jsonl"), cfg, cfg.fresh)
+    log = RunLog(os.path.join(cfg.out, cfg.tag + "_runs.jsonl"), cfg, cfg.fresh, fingerprint(prep, base))
 
     t0 = time.perf_counter()
     base_rec = log.get("base", "base", 0.0, 0)
@@ -720,18 +773,18 @@ def run(cfg: Config) -> dict[str, Any]:
                 if best is None or rec["select"] > best["select"]:
                     best = rec
                     best_model = model.to("cpu") if model is not None else None
-                else:
-                    del model
+                model = None
             chosen[m] = best["lr"]
             rec = log.get("final", m, best["lr"], first)
             if rec is None:
                 if best_model is None:  # resumed after the grid: retrain the chosen point (same seed)
-                    best, best_model = train_run(m, best["lr"], first, cfg, prep, titles, ev, ns)
+                    again, best_model = train_run(m, best["lr"], first, cfg, prep, titles, ev, ns)
+                    best = dict(again, retrained=True)
                 best_model.to(cfg.device)
                 rec = dict(best, test_ranks=ev.ranks(best_model.model, prep.test, f"{m} test", best_model.head),
                            retention=ev.retention(best_model.model, cloze=True))
                 log.put("final", rec)
-            del best_model
+            best_model = None
             finals[m].append(rec)
             for seed in cfg.seeds[1:]:
                 rec = log.get("final", m, chosen[m], seed)
@@ -741,7 +794,7 @@ def run(cfg: Config) -> dict[str, Any]:
                     rec = dict(r, test_ranks=ev.ranks(model.model, prep.test, f"{m} test", model.head),
                                retention=ev.retention(model.model, cloze=True))
                     log.put("final", rec)
-                    del model
+                    model = None
                 finals[m].append(rec)
                 tick(rec, trained)
             f = finals[m]

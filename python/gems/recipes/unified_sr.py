@@ -43,8 +43,6 @@ an empty split) ends with one line ``error: ...`` on stderr and exit status 2.
 from __future__ import annotations
 
 import argparse
-import copy
-import csv
 import hashlib
 import json
 import math
@@ -65,15 +63,13 @@ from gems.errors import DataError, GemsError, MissingResourceError
 from gems.recipes import baselines as B
 from gems.recipes import data as D
 from gems.recipes import evaluate as E
-from gems.recipes import stats as S
-from gems.recipes.methods import METHODS, Hyper, build_method, method_tasks
+from gems.recipes.methods import METHODS, Hyper, build_method
 from gems.recipes.prompts import Prompts, TrainRow, rec_windows
 
 __all__ = ["Config", "PRESETS", "parse_args", "main", "run", "METHODS"]
 
 TASKS = ("search", "rec")  # GEMS task order; diagnostics keys read "cos/search-rec"
 RECIPE_VERSION = 1  # bump when a change alters what a finished run in a run log would contain
-HEADLINE = ("rec/ndcg@10", "rec/hr@10", "search/ndcg@10", "search/hr@10")
 
 
 # ------------------------------------------------------------------------------------------------ config

@@ -220,3 +220,36 @@ def test_build_method_errors():
         build_method("sgd", tiny_llama(), ITEMS, 1e-3, Hyper(item_lr=1e-2))
     with pytest.raises(ValueError, match="needs a calibrated null space"):
         build_method("gems", tiny_llama(), ITEMS, 1e-3, Hyper(item_lr=1e-2))
+
+
+def test_gems_shared_gradient_is_the_mixed_objectives_gradient():
+    """task_backward gives GEMS the mixed methods' objective: on a parameter GEMS does not project (the item
+    head's bias) its SGD step is -lr times the gradient of (rec + search) / 2."""
+    import warnings
+
+    import gems
+    from gems.recipes.unified_sr import task_backward
+
+    rows = {"rec": [TrainRow((1, 50, 51, 52, 53), 3)], "search": [TrainRow((1, 7, 8, 9, 55), 1)]}
+    item_ids = torch.tensor(ITEMS)
+
+    def setup():
+        model = tiny_llama()
+        return model, ItemHead(len(ITEMS), 16, torch.linspace(0, 1, len(ITEMS)))
+
+    def losses(model, head):
+        return {t: E.row_item_losses(model, rows[t], 0, item_ids, head=head).mean() for t in ("search", "rec")}
+
+    model, head = setup()
+    task_backward(None, losses(model, head), gems=False)
+    want = head.bias.grad.detach().clone()
+    assert float(want.abs().sum()) > 0
+    model, head = setup()
+    b0 = head.bias.detach().clone()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = gems.GemsOptimizer(torch.optim.SGD(list(model.parameters()) + list(head.parameters()), lr=0.5),
+                                 model=model, tasks=["search", "rec"], rank=2, task_rank=1)
+    task_backward(opt, losses(model, head), gems=True)
+    opt.step()
+    torch.testing.assert_close((b0 - head.bias.detach()) / 0.5, want, atol=1e-6, rtol=1e-5)

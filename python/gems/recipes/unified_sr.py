@@ -527,9 +527,7 @@ def train_run(method: str, lr: float, seed: int, cfg: Config, prep: Prepared, ti
                 # one forward per task: each backward covers only its task's rows
                 task_loss = {t: E.row_item_losses(model, r, ev.pad_id, item_ids, head=head, device=cfg.device,
                                                   autocast_dtype=_autocast(cfg)).mean() for t, r in rows.items()}
-                # equal task weights, as the mixed-batch methods' objective: the shared gradient
-                # sum_t N_t/N G_t is then the gradient of (rec + search) / 2
-                opt.backward({t: task_loss[t] for t in TASKS}, num_samples={t: 1 for t in TASKS})
+                task_backward(opt, {t: task_loss[t] for t in TASKS}, gems=True)
                 if step + 1 in checks or step == 0:
                     td = time.perf_counter()
                     diag.append({"step": step + 1, "diag": opt.diagnostics()})
@@ -544,8 +542,7 @@ def train_run(method: str, lr: float, seed: int, cfg: Config, prep: Prepared, ti
                     n = sum(r.targets for r in rows[t])
                     task_loss[t] = per[start:start + n].mean()
                     start += n
-                # equal task weights: the mixed-batch methods' multi-task objective
-                (sum(task_loss.values()) / len(task_loss)).backward()
+                task_backward(opt, task_loss, gems=False)
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
@@ -592,6 +589,15 @@ def new_head(cfg: Config, prep: Prepared, model: Any) -> Any:
 
     rows = cfg.head_init * model.get_input_embeddings().weight[prep.prompts.item_tokens].detach().float().cpu()
     return ItemHead(len(prep.data.items), model.config.hidden_size, prep.log_prior, rows).to(cfg.device)
+
+
+def task_backward(opt: Any, task_loss: dict[str, torch.Tensor], *, gems: bool) -> None:
+    """The one multi-task objective of every method: equal task weights. GEMS gets ``num_samples`` 1:1 so
+    its shared gradient sum_t N_t/N G_t is the gradient of the mixed methods' mean of the task losses."""
+    if gems:
+        opt.backward(task_loss, num_samples={t: 1 for t in task_loss})
+    else:
+        (sum(task_loss.values()) / len(task_loss)).backward()
 
 
 def _selection_score(val: dict[str, float], tasks: Sequence[str]) -> float:

@@ -16,12 +16,7 @@ from gems.recipes.prompts import Prompts, TrainRow, rec_windows
 VOCAB, ITEMS = 64, list(range(50, 60))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
 
 
 def tiny_llama(seed=0):

@@ -37,6 +37,7 @@ __all__ = [
     "ranking_metrics",
     "score_items",
     "example_ranks",
+    "rank_metrics",
     "evaluate_ranking",
     "perplexity",
     "state_bytes",
@@ -206,6 +207,17 @@ def example_ranks(scores: Tensor, targets: Sequence[int], *, seen: Sequence[Sequ
     cand = torch.as_tensor([list(c) for c in candidates], dtype=torch.long)
     sub = scores.gather(1, cand) if seen is None else _gather_unmasked(scores, cand)
     return full, target_ranks(sub, torch.zeros(len(cand), dtype=torch.long))
+
+
+def rank_metrics(ranks: Mapping[str, Mapping[str, Sequence[int] | None]]) -> dict[str, float]:
+    """``{"<task>/<metric>": value}`` from stored per-example ranks ``{task: {"full": [...], "sampled": [...]}}``
+    (the sampled metrics only where sampled ranks are given)."""
+    out: dict[str, float] = {}
+    for task, r in ranks.items():
+        out.update({f"{task}/{k}": v for k, v in ranking_metrics(r["full"]).items()})
+        if r.get("sampled") is not None:
+            out.update({f"{task}/sampled/{k}": v for k, v in ranking_metrics(r["sampled"], (5, 10)).items()})
+    return out
 
 
 def evaluate_ranking(scores: Tensor, targets: Sequence[int], *, seen: Sequence[Sequence[int]] | None = None,

@@ -31,6 +31,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from gems.corpus import _pad_id  # padded positions are masked and never read: any valid id works
+
 __all__ = ["ClozeItem", "build_cloze", "cloze_scores", "cloze_accuracy"]
 
 # Frequent function words of 4+ letters: as answers they test syntax rather than knowledge, and as
@@ -138,15 +140,6 @@ def _ids(encoded: Any) -> list[int]:
     if isinstance(ids, Tensor):
         ids = ids.reshape(-1).tolist()
     return [int(t) for t in ids]
-
-
-def _pad_id(tokenizer: Any) -> int:
-    # Padded positions are masked and never read, so any valid id works; prefer the tokenizer's own.
-    for attr in ("pad_token_id", "eos_token_id", "unk_token_id"):
-        value = getattr(tokenizer, attr, None)
-        if isinstance(value, int):
-            return value
-    return 0
 
 
 def cloze_scores(

@@ -62,14 +62,14 @@ def summarise(report: dict[str, Any]) -> dict[str, Any]:
     cloze0 = report["base"]["retention"].get("cloze")
     rows: list[dict[str, Any]] = []
     for name, ranks in report["baselines"].items():
-        m = E_metrics(ranks)
+        m = E.rank_metrics(ranks)
         rows.append({"method": name, "kind": "baseline", "n_seeds": 1, **{k: (m.get(k), None) for k in HEADLINE + SAMPLED},
                      "ppl_after": (ppl0, None), "ppl_increase": (0.0, None), "cloze": (_acc(cloze0), None)})
-    m = E_metrics(report["base"]["test_ranks"])
+    m = E.rank_metrics(report["base"]["test_ranks"])
     rows.append({"method": "base", "kind": "baseline", "n_seeds": 1, **{k: (m.get(k), None) for k in HEADLINE + SAMPLED},
                  "ppl_after": (ppl0, None), "ppl_increase": (0.0, None), "cloze": (_acc(cloze0), None)})
     for name, recs in report["finals"].items():
-        ms = [E_metrics(r["test_ranks"]) for r in recs]
+        ms = [E.rank_metrics(r["test_ranks"]) for r in recs]
         row = {"method": name, "kind": "llm", "n_seeds": len(recs), "lr": recs[0]["lr"]}
         for k in HEADLINE + SAMPLED:
             row[k] = S.mean_std([x[k] for x in ms])
@@ -86,14 +86,6 @@ def summarise(report: dict[str, Any]) -> dict[str, Any]:
     cis = _intervals(report)
     verdict = _verdict(report, rows, cis)
     return {"rows": rows, "ci": cis, "verdict": verdict, "table_md": table_md(rows), "ppl_before": ppl0}
-
-
-def E_metrics(ranks: dict[str, dict[str, list[int]]]) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for task, r in ranks.items():
-        out.update({f"{task}/{k}": v for k, v in E.ranking_metrics(r["full"]).items()})
-        out.update({f"{task}/sampled/{k}": v for k, v in E.ranking_metrics(r["sampled"], (5, 10)).items()})
-    return out
 
 
 def _acc(hits: Sequence[bool] | None) -> float | None:

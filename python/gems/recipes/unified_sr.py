@@ -439,24 +439,16 @@ class Evaluator:
                 out[task] = {"full": full.tolist(), "sampled": sampled.tolist()}
         return out
 
-    def retention(self, model: Any, *, cloze: bool) -> dict[str, Any]:
-        out: dict[str, Any] = {"ppl": E.perplexity(model, self.ppl_batches, device=self.cfg.device,
-                                                   autocast_dtype=_autocast(self.cfg))}
+    def retention(self, model: Any, *, cloze: bool, ppl: bool = True) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if ppl:
+            out["ppl"] = E.perplexity(model, self.ppl_batches, device=self.cfg.device, autocast_dtype=_autocast(self.cfg))
         if cloze and self.cloze:
             from gems.recipes.probe import cloze_scores
 
             hits = cloze_scores(model, self.tokenizer, self.cloze, device=self.cfg.device)
             out["cloze"] = [bool(h) for h in hits]
         return out
-
-
-def metrics_of(ranks: dict[str, dict[str, list[int]]]) -> dict[str, float]:
-    out = {}
-    for task, r in ranks.items():
-        out.update({f"{task}/{k}": v for k, v in E.ranking_metrics(r["full"]).items()})
-        if r.get("sampled") is not None:
-            out.update({f"{task}/sampled/{k}": v for k, v in E.ranking_metrics(r["sampled"], (5, 10)).items()})
-    return out
 
 
 def baseline_ranks(prep: Prepared, sets: dict[str, EvalSet]) -> dict[str, dict[str, dict[str, list[int]]]]:
@@ -499,8 +491,7 @@ def train_run(method: str, lr: float, seed: int, cfg: Config, prep: Prepared, ti
     torch.manual_seed(seed)
     random.seed(seed)
     model, tokenizer, ids = load_fresh(cfg, titles)
-    hp = Hyper(item_lr=cfg.item_lr, head_lr=cfg.head_lr, weight_decay=cfg.weight_decay, rank=cfg.rank, task_rank=cfg.task_rank,
-               gap=cfg.gap, lora_r=cfg.lora_r, refresh=cfg.refresh, seed=seed)
+    hp = Hyper(**{f.name: getattr(cfg, f.name) for f in fields(Hyper) if f.name != "seed"}, seed=seed)
     spec = METHODS[method]
     head = new_head(cfg, prep, model)
     model, opt, info = build_method(method, model, ids, lr, hp, nullspace if spec.nullspace else None,
@@ -555,11 +546,11 @@ def train_run(method: str, lr: float, seed: int, cfg: Config, prep: Prepared, ti
             bar.update(1)
             if step + 1 in checks:
                 tv = time.perf_counter()
-                curve.append({"step": step + 1, **metrics_of(ev.ranks(model, prep.val, "valid", head))})
+                curve.append({"step": step + 1, **E.rank_metrics(ev.ranks(model, prep.val, "valid", head))})
                 val_s += time.perf_counter() - tv
     state_mib = optimizer_state_mib(opt)
     if diverged:  # a non-finite loss: the run is kept (and reported) but can never be selected
-        curve.append({"step": diverged, **metrics_of(ev.ranks(model, prep.val, "valid", head))})
+        curve.append({"step": diverged, **E.rank_metrics(ev.ranks(model, prep.val, "valid", head))})
     rec = {"method": method, "lr": lr, "seed": seed, "train_s": train_s, "val_s": val_s, "tokens": tokens,
            "state_mib": state_mib, "curve": curve, "val": curve[-1], "losses": losses, "diagnostics": diag,
            "retention": ev.retention(model, cloze=False), "diverged_at": diverged, **info}
@@ -714,7 +705,7 @@ def run(cfg: Config) -> dict[str, Any]:
     if base_rec is None:
         head0 = new_head(cfg, prep, base)
         base_rec = {"method": "base", "lr": 0.0, "seed": 0,
-                    "val": metrics_of(ev.ranks(base, prep.val, "base valid", head0)),
+                    "val": E.rank_metrics(ev.ranks(base, prep.val, "base valid", head0)),
                     "test_ranks": ev.ranks(base, prep.test, "base test", head0),
                     "retention": ev.retention(base, cloze=True)}
         log.put("base", base_rec)
@@ -737,7 +728,7 @@ def run(cfg: Config) -> dict[str, Any]:
         print(f"null space: {ns_report} ({calib_s:.0f} s)", file=sys.stderr)
     del base
     bases = baseline_ranks(prep, prep.test)
-    bases_val = {n: metrics_of(r) for n, r in baseline_ranks(prep, prep.val).items()}
+    bases_val = {n: E.rank_metrics(r) for n, r in baseline_ranks(prep, prep.val).items()}
 
     plan = [(m, lr) for m in cfg.methods for lr in grid_of(cfg, m)]
     n_runs = len(plan) + len(cfg.methods) * (len(cfg.seeds) - 1)
@@ -784,7 +775,7 @@ def run(cfg: Config) -> dict[str, Any]:
                     best = dict(again, retrained=True)
                 best_model.to(cfg.device)
                 rec = dict(best, test_ranks=ev.ranks(best_model.model, prep.test, f"{m} test", best_model.head),
-                           retention=ev.retention(best_model.model, cloze=True))
+                           retention={**best["retention"], **ev.retention(best_model.model, cloze=True, ppl=False)})
                 log.put("final", rec)
             best_model = None
             finals[m].append(rec)
@@ -794,15 +785,15 @@ def run(cfg: Config) -> dict[str, Any]:
                 if trained:
                     r, model = train_run(m, chosen[m], seed, cfg, prep, titles, ev, ns)
                     rec = dict(r, test_ranks=ev.ranks(model.model, prep.test, f"{m} test", model.head),
-                               retention=ev.retention(model.model, cloze=True))
+                               retention={**r["retention"], **ev.retention(model.model, cloze=True, ppl=False)})
                     log.put("final", rec)
                     model = None
                 finals[m].append(rec)
                 tick(rec, trained)
             f = finals[m]
             print(f"{m}: lr {chosen[m]:g}; test rec ndcg@10 "
-                  f"{sum(metrics_of(r['test_ranks'])['rec/ndcg@10'] for r in f) / len(f):.4f}, search "
-                  f"{sum(metrics_of(r['test_ranks'])['search/ndcg@10'] for r in f) / len(f):.4f}", file=sys.stderr)
+                  f"{sum(E.rank_metrics(r['test_ranks'])['rec/ndcg@10'] for r in f) / len(f):.4f}, search "
+                  f"{sum(E.rank_metrics(r['test_ranks'])['search/ndcg@10'] for r in f) / len(f):.4f}", file=sys.stderr)
     report = {"config": {k: v for k, v in asdict(cfg).items() if k != "argv"},
               "command": "python -m gems.recipes.unified_sr" + "".join(" " + shlex.quote(a) for a in cfg.argv),
               "machine": _machine(cfg), "data": prep.stats, "nullspace": ns_report, "calibration_s": calib_s,

@@ -19,7 +19,8 @@ def should_sync(mode: str) -> bool:
     return mode == "auto" and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def all_reduce_task_gradients(stash, params: list[Tensor], layout: dict | None = None) -> None:
+def all_reduce_task_gradients(stash, params: list[Tensor], layout: dict | None = None,
+                              plain: list[Tensor] | None = None) -> None:
     """Replace each rank's task gradients by the sample-weighted mean over ranks: Σ_r N_t^r·G_t^r / Σ_r N_t^r,
     the gradient of the task's mean loss over the concatenated batch.
 
@@ -29,6 +30,11 @@ def all_reduce_task_gradients(stash, params: list[Tensor], layout: dict | None =
     marks the weight non-finite on all."""
     layout = layout or {}
     device = params[0].device
+    if stash.form == "rows" and plain is not None:
+        # one-backward form: the other parameters hold one mixed gradient, not one per task
+        skip = {id(p) for p in plain}
+        params = [p for p in params if id(p) not in skip]
+        _all_reduce_mixed(stash, plain, device)
     for t in stash.tasks:
         grads, coords, sqnorms = stash.grads[t], stash.coords[t], stash.sqnorms[t]
         n_local = stash.samples[t]
@@ -75,6 +81,30 @@ def all_reduce_task_gradients(stash, params: list[Tensor], layout: dict | None =
                 stash.nonfinite.add(id(p))
         stash.samples[t] = stash.base[t] = n_total  # the stash now holds the global mean
         stash.loss_sum[t] = float(meta[1])
+
+
+def _all_reduce_mixed(stash, plain: list[Tensor], device) -> None:
+    """The mixed gradients of the one-backward form: Σ_r W^r·g^r / Σ_r W^r (W: the rank's row weight)."""
+    if not plain:
+        return
+    n_local = stash.mixed_samples
+    present = torch.tensor([float(id(p) in stash.mixed) for p in plain], device=device)
+    flat = torch.cat([(stash.mixed[id(p)].float() * n_local).flatten() if id(p) in stash.mixed
+                      else torch.zeros(p.numel(), device=device) for p in plain])
+    meta = torch.tensor([n_local], dtype=torch.float64, device=device)
+    dist.all_reduce(flat)
+    dist.all_reduce(meta)
+    dist.all_reduce(present, op=dist.ReduceOp.MAX)
+    n_total = float(meta[0])
+    if n_total > 0:
+        flat.div_(n_total)
+    offset = 0
+    for p, here in zip(plain, present.tolist()):
+        chunk = flat[offset:offset + p.numel()]
+        offset += p.numel()
+        if here:
+            stash.mixed[id(p)] = chunk.view_as(p).to(p.dtype).clone()
+    stash.mixed_samples = stash.mixed_base = n_total
 
 
 def broadcast_bases(subspaces) -> None:

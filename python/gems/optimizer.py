@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from gems import diagnostics as diag
-from gems import distributed, reference
+from gems import distributed, reference, split_backward
 from gems import nullspace as nsp
 from gems.dispatch import auto_backend_for, backend_module, requested_backend, resolve_backend
 from gems.refresh import REFRESH_METHODS
@@ -279,6 +279,8 @@ class GemsOptimizer(torch.optim.Optimizer):
                                                  task_basis=self.task_basis))
         if not chosen:
             raise ValueError("GEMS found no trainable 2-D weight held by the inner optimizer to project")
+        # targeted nn.Linear layers learn to hand their (X, dY) to opt.backward(row_losses, task_ids=...)
+        self._row_split = split_backward.convert(modules, {id(w.param) for w in chosen}) if model is not None else set()
         return chosen
 
     def _install_coordinates(self) -> None:
@@ -364,7 +366,8 @@ class GemsOptimizer(torch.optim.Optimizer):
 
     # ----------------------------------------------------------------------------------------------
     # gradients
-    def backward(self, losses: Mapping[str, Tensor], num_samples: Mapping[str, float] | None = None, *,
+    def backward(self, losses: Mapping[str, Tensor] | Tensor, num_samples: Mapping[str, float] | None = None, *,
+                 task_ids: Sequence[str] | Tensor | None = None, row_weights: Sequence[float] | Tensor | None = None,
                  retain_graph: bool = False) -> None:
         """Compute and stash each task's gradient (accumulating over calls until ``step``/``zero_grad``).
 
@@ -372,8 +375,29 @@ class GemsOptimizer(torch.optim.Optimizer):
         absent from it). Over several calls (gradient accumulation) G_t is the sample-weighted mean of the
         calls' gradients, the gradient of the task's mean loss over all its samples, and the shared gradient
         is Σ_t (N_t / N)·G_t, the gradient of the mean loss over every sample of the step. So pass each call's
-        per-sample mean losses, not losses divided by the number of calls. Omitted: one sample per task."""
+        per-sample mean losses, not losses divided by the number of calls. Omitted: one sample per task.
+
+        One-backward form: ``opt.backward(row_losses, task_ids=ids)`` with one loss per batch row (a 1-D
+        tensor from one forward over a mixed batch) and each row's task (names, or indices into ``tasks``);
+        ``row_weights`` (default 1) weights the rows, e.g. by their label tokens. One backward gives every
+        task's exact gradient (or, with ``stash="projected"``, its coordinates) for the targeted nn.Linear
+        weights and the mixed gradient for the other parameters; task t counts Σ of its rows' weights as its
+        samples. A single-task optimizer needs no ``task_ids``. See gems.split_backward."""
+        if isinstance(losses, Tensor):
+            if num_samples is not None:
+                raise ValueError("num_samples is for the dict form; with per-row losses use row_weights")
+            if task_ids is None:
+                if not self.single_task:
+                    raise ValueError(f"per-row losses need task_ids (one of {self.tasks} per row); or pass a "
+                                     "dict {task: loss}")
+                task_ids = torch.zeros(losses.numel() if losses.dim() == 1 else 0, dtype=torch.long)
+            split_backward.run(self, losses, task_ids, row_weights, retain_graph)
+            self._task_grads.calls += 1
+            return
+        if task_ids is not None or row_weights is not None:
+            raise ValueError("task_ids and row_weights go with a 1-D tensor of per-row losses, not a dict")
         counts = self._task_grads.check_inputs(losses, num_samples)
+        self._task_grads.begin("dict")
         params = [p for p in self._all_params if p.requires_grad]
         keep = retain_flags([losses[t] for t in self.tasks], retain_graph)  # shared forward graph?
         if self.stash == "projected":
@@ -409,7 +433,7 @@ class GemsOptimizer(torch.optim.Optimizer):
         # due weights whose last task gradient has arrived, refreshed together once they hold REFRESH_BATCH_BYTES
         # of gradients (CUDA) or at once (CPU), as step() does; autograd runs the hooks of each device on its
         # own thread, hence the lock
-        pending = RefreshBatch(self._refresh_in_backward, lambda item: _held_bytes(*item))
+        pending = self._backward_refresh_batch()
         lock = threading.Lock()
         held = {}
         for p in params:  # the user's own .grad (if any) is set aside, untouched
@@ -451,6 +475,10 @@ class GemsOptimizer(torch.optim.Optimizer):
         finally:
             for p in params:
                 p.grad = held[id(p)]
+
+    def _backward_refresh_batch(self) -> RefreshBatch:
+        """Due weights refreshed in backward, together (see _backward_projected)."""
+        return RefreshBatch(self._refresh_in_backward, lambda item: _held_bytes(*item))
 
     def _stash_projected(self, w: WeightSubspaces, task: str, g: Tensor, alpha: float = 1.0) -> None:
         # no host sync here (this runs inside autograd): a NaN/Inf gradient makes its squared norm non-finite,
@@ -511,6 +539,7 @@ class GemsOptimizer(torch.optim.Optimizer):
             if any(g is not None for g in grads):
                 shared = reference.shared_gradient([g if g is not None else torch.zeros_like(p) for g in grads], weights)
                 total += float(torch.linalg.vector_norm(shared, dtype=torch.float64)) ** 2
+        total += sum(float(torch.linalg.vector_norm(g, dtype=torch.float64)) ** 2 for g in stash.mixed.values())
         return math.sqrt(total + self._projected_shared_sq(weights))
 
     def _projected_shared_sq(self, weights: list[float]) -> float:
@@ -566,13 +595,17 @@ class GemsOptimizer(torch.optim.Optimizer):
                                "loss into opt.backward (as a task's loss) or call opt.zero_grad() first")
         stash.finalise()
         if distributed.should_sync(self.sync):
-            distributed.all_reduce_task_gradients(stash, self._all_params, self._coordinate_layout())
+            distributed.all_reduce_task_gradients(stash, self._all_params, self._coordinate_layout(),
+                                                  plain=self._plain_params)
         weights = stash.shared_weights()
         per_weight = {}
         for w in self._subspaces:
             per_weight[id(w.param)] = [stash.grads[t].get(id(w.param)) for t in self.tasks]
         plain, plain_grads = [], []
         for p in self._plain_params:
+            if id(p) in stash.mixed:  # one-backward form: the mixed gradient itself
+                p.grad = stash.mixed[id(p)].to(p.dtype)
+                continue
             grads = [stash.grads[t].get(id(p)) for t in self.tasks]
             if all(g is None for g in grads):
                 p.grad = None

@@ -72,6 +72,20 @@ class TaskGradients:
         # is N_t of the first call that had the task: one call per step needs no rescaling pass at all.
         self.base = {t: 0.0 for t in self.tasks}
         self.calls = 0
+        # the one-backward form (opt.backward(row_losses, task_ids=...)): every non-targeted parameter's
+        # mixed-batch gradient, kept once instead of per task; weighted over calls like a task's stash, with
+        # the call's total row weight as its samples
+        self.mixed: dict[int, Tensor] = {}
+        self.mixed_base = 0.0
+        self.mixed_samples = 0.0
+        self.form: str | None = None  # "dict" or "rows": the form of this step's opt.backward calls
+
+    def begin(self, form: str) -> None:
+        if self.form not in (None, form):
+            raise RuntimeError("this step's gradients came from the other form of opt.backward (a dict of task "
+                               "losses vs per-row losses with task_ids); use one form per step, or call "
+                               "opt.zero_grad() first")
+        self.form = form
 
     @property
     def empty(self) -> bool:
@@ -131,6 +145,28 @@ class TaskGradients:
             for sq in self.sqnorms[t].values():
                 sq.mul_(coef * coef)
             self.base[t] = n
+        if self.mixed_samples and self.mixed_base != self.mixed_samples:
+            for g in self.mixed.values():
+                g.mul_(self.mixed_base / self.mixed_samples)
+            self.mixed_base = self.mixed_samples
+
+    def weight_of_mixed(self, samples: float) -> float:
+        if self.mixed_base == 0:
+            self.mixed_base = samples
+        return samples / self.mixed_base
+
+    def count_mixed(self, samples: float) -> None:
+        self.mixed_samples += samples
+
+    def add_mixed(self, p: Tensor, g: Tensor, alpha: float) -> None:
+        """Accumulate a non-targeted parameter's mixed-batch gradient (one-backward form)."""
+        key = id(p)
+        if key in self.mixed:
+            self.mixed[key].add_(g, alpha=alpha)
+        elif alpha != 1.0 or not g.is_contiguous():
+            self.mixed[key] = g.detach() * alpha if alpha != 1.0 else g.detach().contiguous()
+        else:
+            self.mixed[key] = g.detach()
 
     def add_full(self, task: str, p: Tensor, g: Tensor, seen: set[int] | None = None, alpha: float = 1.0) -> None:
         stash = self.grads[task]
@@ -169,11 +205,14 @@ class TaskGradients:
                 g.mul_(coef)
             for sq in self.sqnorms[t].values():
                 sq.mul_(coef * coef)
+        for g in self.mixed.values():
+            g.mul_(coef)
 
     def held_bytes(self) -> int:
         """Bytes of every stashed gradient and coordinate tensor."""
         return sum(g.numel() * g.element_size() for t in self.tasks
-                   for g in (*self.grads[t].values(), *self.coords[t].values()))
+                   for g in (*self.grads[t].values(), *self.coords[t].values())) \
+            + sum(g.numel() * g.element_size() for g in self.mixed.values())
 
     def shared_weights(self) -> list[float]:
         total = sum(self.samples.values())

@@ -21,6 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 OPT, SUB, DIST, TASKS, REF = ("python/gems/optimizer.py", "python/gems/subspaces.py", "python/gems/distributed.py",
                               "python/gems/tasks.py", "python/gems/reference.py")
+SPLIT = "python/gems/split_backward.py"
 
 # name -> [(file, old, new)]: every `old` must occur in the file
 MUTATIONS: dict[str, list[tuple[str, str, str]]] = {
@@ -62,8 +63,26 @@ MUTATIONS: dict[str, list[tuple[str, str, str]]] = {
         (OPT, "ds = {s: nsp.project_update(d, w.delta_projector, w.protect_side) for s, d in ds.items()}",
          "ds = ds")],
     "solver signs by default": [(SUB, 'if method == "svd" and basis_signs == "canonical":', "if False:")],
+    # the one-backward form (split_backward.py) against the per-task-backward form
+    "one backward: task scale N/N_t dropped": [(SPLIT, "scales = {k: total / counts[k] for k in present}",
+                                                 "scales = {k: 1.0 for k in present}")],
+    "one backward: Gram norm from X only": [(SPLIT, "sq = ((dyf @ dyf.T) * (xf @ xf.T))", "sq = ((xf @ xf.T) * (xf @ xf.T))")],
+    "one backward: contiguous rows off by one": [(SPLIT, "out.append(slice(rows[0], rows[-1] + 1))",
+                                                   "out.append(slice(rows[0], rows[-1]))")],
+    "one backward: mixed gradient unweighted over micro-batches": [
+        (SPLIT, "alpha_mix = stash.weight_of_mixed(total)", "alpha_mix = 1.0; stash.weight_of_mixed(total)")],
+    "one backward: coordinates unweighted over micro-batches": [
+        (SPLIT, "stash.add_projected(tasks[k], key, coords, sq, alphas[k])", "stash.add_projected(tasks[k], key, coords, sq, 1.0)")],
+    "one backward: refresh drops earlier micro-batches": [
+        (SPLIT, "acc.append(g if earlier is None else earlier.add_(g))", "acc.append(g if earlier is None else earlier)")],
+    "one backward: row weights ignored": [(SPLIT, "mean = (losses * (weights / total)).sum()", "mean = losses.mean()")],
+    "one backward: refresh without every task": [
+        (SPLIT, "refresh_here = not distributed.should_sync(opt.sync) and len(present) == len(tasks)",
+         "refresh_here = not distributed.should_sync(opt.sync)")],
+    "one backward: DDP mixed gradient unweighted": [
+        (DIST, "flat = torch.cat([(stash.mixed[id(p)].float() * n_local).flatten()",
+         "flat = torch.cat([(stash.mixed[id(p)].float() * 1.0).flatten()")],
 }
-
 PYTEST = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-m", "not slow and not gpu"]
 # the reference and defect tests first (seconds); the rest of the default run only for what they miss
 STAGES = [["tests/test_reference_step.py", "tests/test_defects.py"], ["tests"]]

@@ -20,9 +20,15 @@ def _losses(model, batch, sl):
     return {t: nn.functional.mse_loss(model(x[sl]), y[sl]) for t, (x, y) in batch.items()}
 
 
-def _run(model, opt, batches, sl, n):
+def _run(model, opt, batches, sl, n, form="dict"):
     for batch in batches:
-        opt.backward(_losses(model, batch, sl), num_samples={"a": n, "b": n})
+        if form == "dict":
+            opt.backward(_losses(model, batch, sl), num_samples={"a": n, "b": n})
+        else:  # one backward over the rank's mixed batch (task a's rows, then b's)
+            x = torch.cat([batch[t][0][sl] for t in ("a", "b")])
+            y = torch.cat([batch[t][1][sl] for t in ("a", "b")])
+            ids = torch.tensor([0] * n + [1] * n)
+            opt.backward(((model(x) - y) ** 2).mean(1), task_ids=ids)
         opt.step()
         opt.zero_grad()
 
@@ -33,13 +39,13 @@ def _options(stash):
     return {"stash": stash} if stash == "full" else {"stash": stash, "gating": "uniform"}
 
 
-def _worker(rank, world, init_file, out_dir, stash="full"):
+def _worker(rank, world, init_file, out_dir, stash="full", form="dict"):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     model = make_model(40)
     opt = make_opt(model, update_proj_gap=4, **_options(stash))
     half = 16 // world
-    _run(model, opt, task_batches(STEPS, seed=41, n=16), slice(rank * half, (rank + 1) * half), half)
+    _run(model, opt, task_batches(STEPS, seed=41, n=16), slice(rank * half, (rank + 1) * half), half, form)
     torch.save({"params": [p.detach() for p in model.parameters()],
                 "bases": [{k: v for k, v in w.bases.items()} for w in opt.subspaces]},
                os.path.join(out_dir, f"rank{rank}.pt"))
@@ -52,13 +58,13 @@ def _worker(rank, world, init_file, out_dir, stash="full"):
     os._exit(0)
 
 
-def _spawn(tmp, stash):
+def _spawn(tmp, stash, form="dict"):
     """Runs both ranks; a rank killed by a signal (a crash inside the gloo/torch runtime, not a Python error
     or a wrong result) gets the whole run retried once, with a warning."""
     for attempt in range(2):
         init_file = os.path.join(tmp, f"init{attempt}")
         try:
-            mp.spawn(_worker, args=(2, init_file, tmp, stash), nprocs=2, join=True)
+            mp.spawn(_worker, args=(2, init_file, tmp, stash, form), nprocs=2, join=True)
             return
         except mp.ProcessExitedException as exc:
             if attempt or exc.signal_name is None:
@@ -66,10 +72,12 @@ def _spawn(tmp, stash):
             warnings.warn(f"DDP run retried after a runtime crash: {exc}")
 
 
-@pytest.mark.parametrize("stash", ["full", "projected"])
-def test_two_rank_training_matches_single_process(stash):
+@pytest.mark.parametrize("stash,form", [("full", "dict"), ("projected", "dict"), ("full", "rows"),
+                                        ("projected", "rows")])
+def test_two_rank_training_matches_single_process(stash, form):
+    """The one process runs the dict form on the whole batch: the reference for both forms."""
     with tempfile.TemporaryDirectory() as tmp:
-        _spawn(tmp, stash)
+        _spawn(tmp, stash, form)
         r0 = torch.load(os.path.join(tmp, "rank0.pt"), weights_only=True)
         r1 = torch.load(os.path.join(tmp, "rank1.pt"), weights_only=True)
     for a, b in zip(r0["params"], r1["params"]):

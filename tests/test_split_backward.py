@@ -136,11 +136,13 @@ def test_a_whole_run_matches_the_per_task_backward_run_step_for_step(stash):
 
 @pytest.mark.parametrize("stash", ["full", "projected"])
 def test_accumulation_with_unequal_task_counts(stash):
-    """Three micro-batches, one without task b: the same stash as the dict form (itself checked against the
-    concatenated batch in test_defects)."""
+    """Three micro-batches, one without task b (first on even steps: a due weight then waits for b's rows
+    before its refresh): the same stash as the dict form (itself checked against the concatenated batch in
+    test_defects)."""
     (m1, o1), (m2, o2) = _twins(seed=7, stash=stash, update_proj_gap=2)
     for step in range(4):
-        for micro, (n, only_a) in enumerate(((6, False), (3, True), (10, False))):
+        micros = ((3, True), (6, False), (10, False)) if step % 2 == 0 else ((6, False), (3, True), (10, False))
+        for micro, (n, only_a) in enumerate(micros):
             x, y, ids, weights = _rows(100 * step + micro, n=n)
             if only_a:
                 ids = torch.zeros_like(ids)

@@ -13,11 +13,14 @@ Methods (same model, same batch; the baselines train on the mixed batch, GEMS on
   weights; the projector's random matrix counts as state. Skipped (and said so) if apollo-torch is missing.
 - ``lora``:   peft LoRA r=``--lora-rank``, alpha 2r, all linear layers, torch AdamW on the adapters.
 - ``gems``:   gems.GemsOptimizer over torch AdamW, tasks search/rec, rank ``--rank`` shared / ``--task-rank``
-  per task, ``refresh="subspace_iter"``, ``opt.backward({task: loss})`` (one autograd pass per task).
+  per task, ``refresh="subspace_iter"``, one forward and one backward over the mixed batch
+  (``opt.backward(row_losses, task_ids=...)``).
+- ``gems-pertask``: the same with ``opt.backward({task: loss})`` (one forward and one autograd pass per task:
+  the reference path of the one-backward form).
 - ``gems-projected``: ``stash="projected"`` and ``refresh_schedule="staggered"`` only (the embedding keeps
   full AdamW, as under GaLore): what the projected stash alone saves.
-- ``gems-lowmem``: the same with ``stash="projected"`` (each task gradient projected as autograd produces
-  it), ``refresh_schedule="staggered"`` (after the first bases, about one weight refreshes per step) and
+- ``gems-lowmem``: one backward per task (the embedding's gradient is not split by rows yet), ``stash="projected"``
+  (each task gradient projected as autograd produces it), ``refresh_schedule="staggered"`` (after the first bases, about one weight refreshes per step) and
   ``target_embeddings=True`` (the tied embedding / LM head gets subspaces too instead of full AdamW).
 
 What is measured, per method in a fresh subprocess (so no method inherits another's allocator state):
@@ -60,7 +63,7 @@ import gems  # noqa: E402
 from gems.targets import select_linear_modules  # noqa: E402
 
 TASKS = ("search", "rec")
-ALL_METHODS = ("adamw", "galore", "apollo", "lora", "gems", "gems-projected", "gems-lowmem")
+ALL_METHODS = ("adamw", "galore", "apollo", "lora", "gems", "gems-projected", "gems-pertask", "gems-lowmem")
 MIB = 1 / 2**20
 LR = 1e-5  # small: the benches step the real model and only time/measure it
 
@@ -136,6 +139,15 @@ def make_batches(tokenizer, vocab: int, n: int, batch: int, seq: int, seed: int 
     return [{t: torch.stack([next(it) for _ in range(batch)]) for t in TASKS} for _ in range(n)]
 
 
+def row_losses(model: nn.Module, batch: dict[str, torch.Tensor], tasks=TASKS) -> tuple[torch.Tensor, torch.Tensor]:
+    """One forward over the concatenated batches of ``tasks``: each row's mean next-token loss, and its task."""
+    ids = torch.cat([batch[t] for t in tasks])
+    logits = model(input_ids=ids).logits[:, :-1].float()
+    nll = nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
+    task_ids = torch.cat([torch.full((batch[t].shape[0],), i, dtype=torch.long) for i, t in enumerate(tasks)])
+    return nll.mean(1), task_ids
+
+
 def task_losses(model: nn.Module, batch: dict[str, torch.Tensor], tasks=TASKS) -> dict[str, torch.Tensor]:
     """One forward over the concatenated batches of ``tasks``; each task's mean next-token loss from its rows."""
     ids = torch.cat([batch[t] for t in tasks])
@@ -157,12 +169,17 @@ class Runner:
     name: str
     model: nn.Module
     opt: Any
-    multitask: bool = False  # GEMS: opt.backward({task: loss}); baselines: mixed-batch loss.backward()
+    multitask: bool = False  # GEMS: opt.backward(...); baselines: mixed-batch loss.backward()
+    form: str = "rows"  # GEMS: "rows" = one backward (task_ids); "dict" = one autograd pass per task
     settings: str = ""
     targeted: set[int] = field(default_factory=set)  # ids of the targeted Linear weights (state split)
 
     def forward_backward(self, batch: dict[str, torch.Tensor]) -> None:
         counts = {t: batch[t].shape[0] for t in TASKS}
+        if self.multitask and self.form == "rows":  # one forward, one backward over the mixed batch
+            losses, task_ids = row_losses(self.model, batch)
+            self.opt.backward(losses, task_ids=task_ids.to(losses.device))
+            return
         if self.multitask:
             # one forward per task: each task's backward then runs over its own rows only, so the per-task
             # passes together cost what one mixed-batch backward costs (a shared forward would make every
@@ -240,8 +257,10 @@ def build(method: str, model: nn.Module, *, rank: int, task_rank: int, lora_rank
     if method.startswith("gems"):
         variant = method.split("-", 1)[1] if "-" in method else ""
         options = {"lowmem": dict(stash="projected", refresh_schedule="staggered", target_embeddings=True),
-                   "projected": dict(stash="projected", refresh_schedule="staggered")}
+                   "projected": dict(stash="projected", refresh_schedule="staggered"), "pertask": {}}
         extra = options.get(variant, {})
+        # the embedding's gradient cannot be split by rows yet: gems-lowmem keeps one pass per task
+        form = "dict" if variant in ("pertask", "lowmem") else "rows"
         refresh = variant if variant and variant not in options else "subspace_iter"
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # rank clamping on tiny models
@@ -249,9 +268,10 @@ def build(method: str, model: nn.Module, *, rank: int, task_rank: int, lora_rank
                                      tasks=list(TASKS), rank=rank, task_rank=task_rank, update_proj_gap=gap,
                                      refresh=refresh, backend="auto" if device != "cpu" else "torch", **extra)
         coords = {id(c) for w in opt.subspaces for c in w.coords.values()}
-        return Runner(method, model, opt, multitask=True, targeted=coords | targeted,
+        return Runner(method, model, opt, multitask=True, form=form, targeted=coords | targeted,
                       settings=f"GemsOptimizer(AdamW) tasks {'/'.join(TASKS)}, rank {rank} / task {task_rank}, "
-                               f"gap {gap}, refresh={refresh}, backend={opt.backend}"
+                               f"gap {gap}, refresh={refresh}, backend={opt.backend}, "
+                               + ("one backward (task_ids)" if form == "rows" else "one backward per task")
                                + "".join(f", {k}={v}" for k, v in extra.items()))
     raise ValueError(f"unknown method {method!r}")
 

@@ -68,7 +68,7 @@ def collate(rows):
 
 
 def make_trainer(tmp_path, *, steps=12, bs=8, ga=1, seed=0, save_steps=None, max_grad_norm=0.0,
-                 log_diagnostics=False, model=None, logging_steps=4, gems_kwargs=None):
+                 log_diagnostics=False, model=None, logging_steps=4, gems_kwargs=None, one_backward=True):
     args = TrainingArguments(
         output_dir=str(tmp_path), max_steps=steps, per_device_train_batch_size=bs, gradient_accumulation_steps=ga,
         learning_rate=3e-3, weight_decay=0.01, lr_scheduler_type="cosine", warmup_steps=2, optim="adamw_torch",
@@ -80,7 +80,7 @@ def make_trainer(tmp_path, *, steps=12, bs=8, ga=1, seed=0, save_steps=None, max
         warnings.simplefilter("ignore")
         return GemsTrainer(model=model or tiny_model(seed), args=args, train_dataset=TinyTasks(), data_collator=collate,
                            tasks=TASKS, gems_kwargs=dict(rank=4, task_rank=2, update_proj_gap=5, **(gems_kwargs or {})),
-                           log_diagnostics=log_diagnostics)
+                           log_diagnostics=log_diagnostics, one_backward=one_backward)
 
 
 def mean_loss(model, ds):
@@ -150,6 +150,26 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path):
     assert l1 == pytest.approx(l2, rel=1e-4)
 
 
+@pytest.mark.parametrize("stash", ["full", "projected"])
+def test_one_backward_matches_one_pass_per_task(tmp_path, stash):
+    """The default (one forward, one backward, rows weighted by label tokens) trains the same weights as the
+    per-task path, with GA 2 over padded rows of unequal lengths and a refresh every 5 steps."""
+    runs = []
+    for one in (True, False):
+        t = make_trainer(tmp_path / str(one), steps=6, bs=4, ga=2, one_backward=one, gems_kwargs={"stash": stash})
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            t.train()
+        runs.append(t)
+    a, b = weights(runs[0].model), weights(runs[1].model)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=2e-4, atol=2e-6, msg=k)
+    la = [h["loss"] for h in runs[0].state.log_history if "loss" in h]
+    lb = [h["loss"] for h in runs[1].state.log_history if "loss" in h]
+    assert la == pytest.approx(lb, rel=1e-4)
+    assert runs[0].gems_optimizer._task_grads.form is None  # consumed by the step
+
+
 def test_projected_stash_under_the_trainer(tmp_path):
     """stash="projected" gives the default's weights with one micro-batch per step (no clipping: the projected
     stash estimates the clip norm), and trains with GA 2 and clipping."""
@@ -187,6 +207,7 @@ def test_clipping_scales_the_stashed_task_gradients(tmp_path):
     trainer.training_step(trainer.model, batch)
     stash = trainer.gems_optimizer._task_grads
     before = {t: {k: g.clone() for k, g in stash.grads[t].items()} for t in TASKS}
+    mixed = {k: g.clone() for k, g in stash.mixed.items()}  # one backward: the untargeted parameters' gradient
     norm = trainer.gems_optimizer.shared_grad_norm()
     assert norm > 0
     trainer.args.max_grad_norm = norm / 4
@@ -194,9 +215,12 @@ def test_clipping_scales_the_stashed_task_gradients(tmp_path):
     assert reported == pytest.approx(norm)
     assert trainer.gems_optimizer.shared_grad_norm() == pytest.approx(norm / 4, rel=1e-4)
     for t in TASKS:  # every task gradient scaled by the same factor: task ratios (and gates' shares) kept
-        assert len(stash.grads[t]) == len(list(trainer.model.parameters()))
+        assert len(stash.grads[t]) + len(mixed) == len(list(trainer.model.parameters()))
         for k, g in stash.grads[t].items():
             torch.testing.assert_close(g, before[t][k] * (norm / 4) / (norm + 1e-6))
+    assert len(mixed) == 7  # embedding, LM head, 5 norms
+    for k, g in stash.mixed.items():
+        torch.testing.assert_close(g, mixed[k] * (norm / 4) / (norm + 1e-6))
     trainer.args.max_grad_norm = 10 * norm  # below the limit: untouched
     trainer._clip_grad_norm(trainer.model)
     assert trainer.gems_optimizer.shared_grad_norm() == pytest.approx(norm / 4, rel=1e-4)

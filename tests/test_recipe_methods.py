@@ -248,3 +248,42 @@ def test_gems_shared_gradient_is_the_mixed_objectives_gradient():
     task_backward(opt, losses(model, head), gems=True)
     opt.step()
     torch.testing.assert_close((b0 - head.bias.detach()) / 0.5, want, atol=1e-6, rtol=1e-5)
+
+
+def test_gems_one_backward_is_the_per_task_objective():
+    """gems_backward (one forward over the mixed batch, the default in train_run) gives the per-task
+    gradients and the step of task_backward(gems=True), with rows of unequal target counts."""
+    import warnings
+
+    import gems
+    from gems.recipes.unified_sr import gems_backward, task_backward
+
+    rows = {"rec": [TrainRow((1, 50, 51, 52, 53), 3), TrainRow((1, 52, 54, 50), 2)],
+            "search": [TrainRow((1, 7, 8, 9, 55), 1), TrainRow((1, 9, 9, 51), 1)]}
+    item_ids = torch.tensor(ITEMS)
+    runs = []
+    for form in ("dict", "rows"):
+        model = tiny_llama()
+        head = ItemHead(len(ITEMS), 16, torch.linspace(0, 1, len(ITEMS)))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            opt = gems.GemsOptimizer(torch.optim.SGD(list(model.parameters()) + list(head.parameters()), lr=0.5),
+                                     model=model, tasks=["search", "rec"], rank=2, task_rank=1)
+        if form == "dict":
+            task_backward(opt, {t: E.row_item_losses(model, rows[t], 0, item_ids, head=head).mean()
+                                for t in ("search", "rec")}, gems=True)
+        else:
+            flat = rows["rec"] + rows["search"]
+            gems_backward(opt, E.row_item_losses(model, flat, 0, item_ids, head=head),
+                          [("rec", rows["rec"]), ("search", rows["search"])])
+        grads = {t: {w.name: opt._task_grads.grads[t][id(w.param)].clone() for w in opt.subspaces}
+                 for t in ("search", "rec")}
+        assert opt._task_grads.shared_weights() == pytest.approx([0.5, 0.5])
+        opt.step()
+        runs.append((grads, [p.detach().clone() for p in [*model.parameters(), *head.parameters()]]))
+    (g1, p1), (g2, p2) = runs
+    for t in g1:
+        for k in g1[t]:
+            torch.testing.assert_close(g2[t][k], g1[t][k], rtol=1e-5, atol=1e-7, msg=k)
+    for a, b in zip(p1, p2):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)

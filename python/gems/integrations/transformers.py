@@ -19,11 +19,14 @@ What it overrides and why
       weight-decay groups) — or takes the one passed as ``optimizers=(inner, None)`` or ``inner_optimizer=``
       — and wraps it in :class:`gems.GemsOptimizer` (``gems_kwargs`` are its options). Schedulers from
       ``create_scheduler`` attach to the GEMS optimizer (its ``param_groups`` are the inner's).
-    * ``training_step``: forward, per-task losses, ``opt.backward``; returns the (detached) loss for
+    * ``training_step``: one forward over the mixed batch and one backward for all tasks
+      (``opt.backward(row_losses, task_ids=..., row_weights=label tokens)``, see gems.split_backward);
+      ``one_backward=False``, or targeted weights that cannot be split by rows (``target_embeddings=True``),
+      fall back to per-task losses and one autograd pass per task. Returns the (detached) loss for
       logging. The accelerator's backward is bypassed, so this trainer supports single-process CPU/GPU
       training and DDP through GEMS' own gradient sync (not DeepSpeed, FSDP or fp16 loss scaling; bf16
       autocast via ``args.bf16`` works, there is no loss scaler to bypass).
-    * Gradient accumulation is exact: each micro-batch's task loss is its token mean and ``num_samples`` its
+    * Gradient accumulation is exact: each micro-batch's task loss is its token mean and its weight its
       label tokens, so ``opt.backward`` makes each task's gradient its token-weighted mean over the window
       and the shared gradient Σ_t (N_t/N)·G_t the gradient of the mixed window's token-mean loss — what the
       plain Trainer computes. ``get_batch_samples`` counts the window's tokens only to scale the logged loss.
@@ -60,7 +63,7 @@ except ImportError as exc:  # pragma: no cover - transformers is an optional dep
 
 from gems.optimizer import GemsOptimizer
 
-__all__ = ["GemsTrainer", "task_losses"]
+__all__ = ["GemsTrainer", "row_losses", "task_losses"]
 
 
 def _task_index(value: Any, tasks: Sequence[str], n: int) -> Tensor:
@@ -86,6 +89,16 @@ def _task_index(value: Any, tasks: Sequence[str], n: int) -> Tensor:
 
 def _shifted_labels(labels: Tensor) -> Tensor:
     return labels[:, 1:]
+
+
+def row_losses(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """Per row: the mean next-token NLL over its label tokens (0 for a row without any), and its label-token
+    count (the row's weight in the one-backward form)."""
+    shift_logits = logits[:, :-1].float()
+    shift_labels = _shifted_labels(labels).to(shift_logits.device)
+    nll = F.cross_entropy(shift_logits.transpose(1, 2), shift_labels, ignore_index=-100, reduction="none")
+    count = (shift_labels != -100).sum(1)
+    return nll.sum(1) / count.clamp_min(1), count.float()
 
 
 def task_losses(logits: Tensor, labels: Tensor, task_idx: Tensor, tasks: Sequence[str],
@@ -127,11 +140,13 @@ class GemsTrainer(Trainer):
     * ``inner_optimizer``: an optimizer instance over the model's parameters to wrap instead of the one
       ``args.optim`` would build (``optimizers=(inner, scheduler)`` works too).
     * ``log_diagnostics`` / ``diagnostics``: see the module docstring.
+    * ``one_backward`` (default True): one forward and one backward for all tasks; False: one per task.
     """
 
     def __init__(self, *args: Any, tasks: Sequence[str], task_column: str = "task",
                  gems_kwargs: Mapping[str, Any] | None = None, inner_optimizer: torch.optim.Optimizer | None = None,
-                 log_diagnostics: bool = False, diagnostics: str = "summary", **kwargs: Any) -> None:
+                 log_diagnostics: bool = False, diagnostics: str = "summary", one_backward: bool = True,
+                 **kwargs: Any) -> None:
         if isinstance(tasks, str) or not tasks:
             raise ValueError("tasks must be a non-empty list of task names, e.g. ['search', 'rec']")
         if diagnostics not in ("summary", "full"):
@@ -145,6 +160,7 @@ class GemsTrainer(Trainer):
         self.inner_optimizer = inner_optimizer
         self.log_diagnostics = bool(log_diagnostics)
         self.diagnostics_mode = diagnostics
+        self.one_backward = bool(one_backward)
         self._gems_window: dict[str, float] | None = None
         self._gems_window_left = 0
         self._gems_pending_logs: dict[str, float] = {}
@@ -205,16 +221,35 @@ class GemsTrainer(Trainer):
         if labels is None:
             raise KeyError("GemsTrainer needs 'labels' in every batch (causal-LM labels, -100 = ignored)")
         idx = _task_index(task_value, self.gems_tasks, labels.shape[0])
-        with self.compute_loss_context_manager():
-            outputs = model(**inputs)
-        logits = outputs["logits"] if isinstance(outputs, Mapping) else outputs[0]
+        logits = self._logits(model, inputs)
         # opt.backward takes each micro-batch's per-token mean losses with their token counts and averages
         # over the accumulation window itself, weighting by the counts; the window only scales the logged loss
         losses, counts = task_losses(logits, labels, idx, self.gems_tasks)
+        return losses, counts, self._logged(sum(l.detach() * counts[t] for t, l in losses.items()), counts)
+
+    def _logits(self, model: nn.Module, inputs: dict[str, Any]) -> Tensor:
+        with self.compute_loss_context_manager():
+            outputs = model(**inputs)
+        return outputs["logits"] if isinstance(outputs, Mapping) else outputs[0]
+
+    def _logged(self, token_sum: Tensor, counts: Mapping[str, float]) -> Tensor:
+        """This micro-batch's share of the window's mixed token-mean loss."""
         window = self._gems_window if self._gems_window is not None and self._gems_window_left > 0 else counts
-        total = sum(window.values()) or 1.0
-        mixed = sum(l.detach() * (counts[t] / total) for t, l in losses.items())
-        return losses, counts, mixed
+        return token_sum / (sum(window.values()) or 1.0)
+
+    def _one_backward(self, opt: GemsOptimizer, model: nn.Module, inputs: dict[str, Any]) -> Tensor | None:
+        """One forward, one backward for all tasks (opt.backward(row_losses, task_ids=...)); the per-row
+        losses weighted by their label tokens give the same task gradients as the per-task form."""
+        inputs = dict(inputs)
+        if self.task_column not in inputs or "labels" not in inputs:
+            return None  # compute_task_losses raises the clear error
+        task_value, labels = inputs.pop(self.task_column), inputs.pop("labels")
+        idx = _task_index(task_value, self.gems_tasks, labels.shape[0])
+        per_row, count = row_losses(self._logits(model, inputs), labels)
+        if float(count.sum()) > 0:
+            opt.backward(per_row, task_ids=idx.to(per_row.device), row_weights=count)
+        counts = {t: float(count[idx.to(count.device) == i].sum()) for i, t in enumerate(self.gems_tasks)}
+        return self._logged((per_row.detach() * count).sum(), counts)
 
     def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None) -> Tensor:
         opt = self.gems_optimizer
@@ -224,9 +259,12 @@ class GemsTrainer(Trainer):
         if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
             self.optimizer.train()
         inputs = self._prepare_inputs(inputs)
-        losses, counts, mixed = self.compute_task_losses(model, inputs)
-        if sum(counts.values()) > 0:
-            opt.backward(losses, num_samples=counts)
+        splittable = all(id(w.param) in opt._row_split for w in opt.subspaces)
+        mixed = self._one_backward(opt, model, inputs) if self.one_backward and splittable else None
+        if mixed is None:  # one forward and one autograd pass per task (the reference path)
+            losses, counts, mixed = self.compute_task_losses(model, inputs)
+            if sum(counts.values()) > 0:
+                opt.backward(losses, num_samples=counts)
         if self._gems_window_left > 0:
             self._gems_window_left -= 1
         if self.log_diagnostics and self.accelerator.sync_gradients and self._will_log_next_step():

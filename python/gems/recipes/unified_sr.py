@@ -514,25 +514,23 @@ def train_run(method: str, lr: float, seed: int, cfg: Config, prep: Prepared, ti
                     "search": [prep.search_row(k) for k in entry.get("search", ())]}
             rows = {t: r for t, r in rows.items() if r}
             tokens += sum(len(r.ids) for rs in rows.values() for r in rs)
+            order = [t for t in ("rec", "search") if t in rows]
+            flat = [r for t in order for r in rows[t]]
+            # one forward over the mixed batch for every method (GEMS too: one backward splits its task gradients)
+            per = E.row_item_losses(model, flat, ev.pad_id, item_ids, head=head, device=cfg.device,
+                                    autocast_dtype=_autocast(cfg))
+            task_loss, start = {}, 0
+            for t in order:
+                n = sum(r.targets for r in rows[t])
+                task_loss[t] = per[start:start + n].mean()
+                start += n
             if is_gems:
-                # one forward per task: each backward covers only its task's rows
-                task_loss = {t: E.row_item_losses(model, r, ev.pad_id, item_ids, head=head, device=cfg.device,
-                                                  autocast_dtype=_autocast(cfg)).mean() for t, r in rows.items()}
-                task_backward(opt, {t: task_loss[t] for t in TASKS}, gems=True)
+                gems_backward(opt, per, [(t, rows[t]) for t in order])
                 if step + 1 in checks or step == 0:
                     td = time.perf_counter()
                     diag.append({"step": step + 1, "diag": opt.diagnostics()})
                     t0 += time.perf_counter() - td   # opt-in logging, not training time
             else:
-                order = [t for t in ("rec", "search") if t in rows]
-                flat = [r for t in order for r in rows[t]]
-                per = E.row_item_losses(model, flat, ev.pad_id, item_ids, head=head, device=cfg.device,
-                                        autocast_dtype=_autocast(cfg))
-                task_loss, start = {}, 0
-                for t in order:
-                    n = sum(r.targets for r in rows[t])
-                    task_loss[t] = per[start:start + n].mean()
-                    start += n
                 task_backward(opt, task_loss, gems=False)
             opt.step()
             sched.step()
@@ -589,6 +587,21 @@ def task_backward(opt: Any, task_loss: dict[str, torch.Tensor], *, gems: bool) -
         opt.backward(task_loss, num_samples={t: 1 for t in task_loss})
     else:
         (sum(task_loss.values()) / len(task_loss)).backward()
+
+
+def gems_backward(opt: Any, per_target: torch.Tensor, rows: Sequence[tuple[str, Sequence[Any]]]) -> None:
+    """The same objective as ``task_backward(gems=True)`` in one backward: each row's loss is the mean over
+    its targets, weighted by targets / (its task's targets), so every task weighs 1 (equal task weights) and
+    a task's loss is the mean over its targets."""
+    row_loss, ids, weights, start = [], [], [], 0
+    for t, rs in rows:
+        total = sum(r.targets for r in rs)
+        for r in rs:
+            row_loss.append(per_target[start:start + r.targets].mean())
+            ids.append(t)
+            weights.append(r.targets / total)
+            start += r.targets
+    opt.backward(torch.stack(row_loss), task_ids=ids, row_weights=weights)
 
 
 def _selection_score(val: dict[str, float], tasks: Sequence[str]) -> float:

@@ -7,13 +7,14 @@
 
 Methods and batches are those of bench_memory.py (2 tasks × ``--batch`` sequences × ``--seq`` tokens; the
 baselines step on the mixed-batch loss): ``adamw``, ``galore`` (galore-torch, SVD refresh), ``apollo``
-(apollo-torch, random-projection refresh), ``lora`` (peft), ``gems`` (one forward and one backward over the
-mixed batch, ``opt.backward(row_losses, task_ids=...)``; refresh="subspace_iter"), ``gems-pertask`` (the same
-through ``opt.backward({task: loss})``: one forward and one backward per task, the reference path),
-``gems-projected`` (one backward, ``stash="projected"``: coordinates only between refreshes), ``gems-svd``
-(refresh="svd") and ``gems-lowmem`` (``stash="projected"``, ``target_embeddings=True``, one backward per task;
-timed with the aligned refresh schedule so that its refresh steps can be told apart — staggering spreads the
-same work over the gap); ``--methods`` picks a subset.
+(apollo-torch, random-projection refresh), ``lora`` (peft), ``gems`` (defaults: one forward and one
+backward over the mixed batch, ``opt.backward(row_losses, task_ids=...)``, which with ``stash="auto"`` keeps
+coordinates only between refreshes; refresh="subspace_iter"), ``gems-full`` (the same with ``stash="full"``:
+full task gradients until the step), ``gems-pertask`` (``opt.backward({task: loss})``: a forward and an
+autograd pass per task, the reference path), ``gems-svd`` (refresh="svd") and ``gems-lowmem``
+(``refresh_schedule="staggered"``, ``target_embeddings=True``). Staggered refreshes are timed with the
+aligned schedule so that refresh steps can be told apart (staggering spreads the same work over the gap);
+``--methods`` picks a subset.
 
 Every method has its own copy of the model. The steps are interleaved: round k runs step k of every method
 (in an order rotated each round), so slow phases of a shared machine hit all methods alike. Each step is
@@ -47,7 +48,7 @@ from _common import RESULTS_DIR, print_table, synchronize, write_csv, write_mark
 from bench_memory import (TASKS, add_common_args, build, load_model, make_batches, preimport,  # noqa: E402
                           run_plan)
 
-ALL_METHODS = ("adamw", "galore", "apollo", "lora", "gems", "gems-pertask", "gems-projected", "gems-svd", "gems-lowmem")
+ALL_METHODS = ("adamw", "galore", "apollo", "lora", "gems", "gems-full", "gems-pertask", "gems-svd", "gems-lowmem")
 PROJECTING = ("galore", "apollo", "gems")
 # Why the committed CPU run uses one thread (measured on the shared 2-core machine, load average 6-8):
 THREADS_NOTE = ("With 2 threads on this shared 2-core machine (load average 6-8 from other jobs), LAPACK's SVD of "
@@ -135,7 +136,7 @@ def main(argv=None) -> list[dict[str, Any]]:
         model = base if i == len(methods) - 1 else copy.deepcopy(base)
         runners.append(build(m, model, rank=args.rank, task_rank=args.task_rank, lora_rank=args.lora_rank,
                              gap=args.measure_gap, device=args.device))
-        if m == "gems-lowmem":
+        if runners[-1].opt.__class__.__name__ == "GemsOptimizer" and runners[-1].opt.refresh_schedule == "staggered":
             runners[-1].opt.refresh_schedule = "aligned"
             runners[-1].settings = runners[-1].settings.replace("staggered", "aligned (timing)")
     del base
@@ -157,17 +158,16 @@ def main(argv=None) -> list[dict[str, Any]]:
     print_table(rows, COLUMNS)
 
     by = {r["method"]: r for r in rows}
-    notes = ["Columns (ms, medians): `fwd_bwd` = forward + backward(s) (`gems`, `gems-projected`, `gems-svd`: one "
-             "forward and one backward over the mixed batch, per-task gradients split by rows inside it; "
-             "`gems-pertask`, `gems-lowmem`: a forward and an autograd pass per task; the projected stashes also "
-             "project there), `opt_step` = optimizer step + "
+    notes = ["Columns (ms, medians): `fwd_bwd` = forward + backward(s) (every `gems*` but `gems-pertask`: one "
+             "forward and one backward over the mixed batch, per-task gradients or coordinates split by rows inside "
+             "it; `gems-pertask`: a forward and an autograd pass per task), `opt_step` = optimizer step + "
              "zero_grad, both medians over normal steps, `refresh` = extra time of a refresh step (median "
              "refresh-step fwd_bwd + opt_step − theirs on normal steps), `total` = fwd_bwd + opt_step + "
              f"refresh/{args.gap}, `overhead_share` = (opt_step + refresh/{args.gap}) / total; `_cpu` columns are "
              "the same from process CPU time (all threads), less sensitive to other jobs on the machine. "
              f"Wall-clock medians of {args.steps - 1} interleaved steps per method; the machine was shared with "
              "other agents while this ran, so single numbers are noisy: compare ratios within the table."]
-    for g in ("gems", "gems-pertask", "gems-projected", "gems-svd", "gems-lowmem"):
+    for g in ("gems", "gems-full", "gems-pertask", "gems-svd", "gems-lowmem"):
         if g in by:
             r = by[g]
             notes.append(f"Target, `{g}` amortised optimizer overhead ≤ 25% of the full step at gap {args.gap} on "

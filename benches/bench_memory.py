@@ -13,15 +13,15 @@ Methods (same model, same batch; the baselines train on the mixed batch, GEMS on
   weights; the projector's random matrix counts as state. Skipped (and said so) if apollo-torch is missing.
 - ``lora``:   peft LoRA r=``--lora-rank``, alpha 2r, all linear layers, torch AdamW on the adapters.
 - ``gems``:   gems.GemsOptimizer over torch AdamW, tasks search/rec, rank ``--rank`` shared / ``--task-rank``
-  per task, ``refresh="subspace_iter"``, one forward and one backward over the mixed batch
-  (``opt.backward(row_losses, task_ids=...)``).
-- ``gems-pertask``: the same with ``opt.backward({task: loss})`` (one forward and one autograd pass per task:
-  the reference path of the one-backward form).
-- ``gems-projected``: ``stash="projected"`` and ``refresh_schedule="staggered"`` only (the embedding keeps
-  full AdamW, as under GaLore): what the projected stash alone saves.
-- ``gems-lowmem``: one backward per task (the embedding's gradient is not split by rows yet), ``stash="projected"``
-  (each task gradient projected as autograd produces it), ``refresh_schedule="staggered"`` (after the first bases, about one weight refreshes per step) and
-  ``target_embeddings=True`` (the tied embedding / LM head gets subspaces too instead of full AdamW).
+  per task, ``refresh="subspace_iter"``, defaults otherwise: one forward and one backward over the mixed
+  batch (``opt.backward(row_losses, task_ids=...)``), which with ``stash="auto"`` keeps only each task's
+  coordinates between refreshes.
+- ``gems-full``: the same with ``stash="full"`` (each task's full gradient kept until the step).
+- ``gems-pertask``: the default options with ``opt.backward({task: loss})``: a forward and an autograd pass
+  per task, full task gradients (the reference path of the one-backward form).
+- ``gems-lowmem``: the default plus ``refresh_schedule="staggered"`` (after the first bases, about one
+  weight refreshes per step) and ``target_embeddings=True`` (the tied embedding / LM head gets subspaces too
+  instead of full AdamW).
 
 What is measured, per method in a fresh subprocess (so no method inherits another's allocator state):
 
@@ -63,7 +63,7 @@ import gems  # noqa: E402
 from gems.targets import select_linear_modules  # noqa: E402
 
 TASKS = ("search", "rec")
-ALL_METHODS = ("adamw", "galore", "apollo", "lora", "gems", "gems-projected", "gems-pertask", "gems-lowmem")
+ALL_METHODS = ("adamw", "galore", "apollo", "lora", "gems", "gems-full", "gems-pertask", "gems-lowmem")
 MIB = 1 / 2**20
 LR = 1e-5  # small: the benches step the real model and only time/measure it
 
@@ -256,11 +256,12 @@ def build(method: str, model: nn.Module, *, rank: int, task_rank: int, lora_rank
                       targeted={id(p) for p in params})
     if method.startswith("gems"):
         variant = method.split("-", 1)[1] if "-" in method else ""
-        options = {"lowmem": dict(stash="projected", refresh_schedule="staggered", target_embeddings=True),
-                   "projected": dict(stash="projected", refresh_schedule="staggered"), "pertask": {}}
+        # the default (stash="auto") is the projected stash with the one-backward form, full gradients with
+        # the dict form ("pertask"); "full" forces full task gradients with one backward
+        options = {"lowmem": dict(refresh_schedule="staggered", target_embeddings=True),
+                   "full": dict(stash="full"), "pertask": {}}
         extra = options.get(variant, {})
-        # the embedding's gradient cannot be split by rows yet: gems-lowmem keeps one pass per task
-        form = "dict" if variant in ("pertask", "lowmem") else "rows"
+        form = "dict" if variant == "pertask" else "rows"
         refresh = variant if variant and variant not in options else "subspace_iter"
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # rank clamping on tiny models
@@ -499,12 +500,13 @@ def main(argv=None) -> list[dict[str, Any]]:
         "`targeted` = the part for the Linear weights GaLore/APOLLO/GEMS project (LoRA: its adapters), `other` = "
         "embedding (tied LM head) and norms, trained with full AdamW by every method but LoRA; `bases` = GEMS' "
         "fp32 bases; `extra_params` = LoRA adapter weights; `grads_held` = gradient bytes alive when the "
-        "optimizer step starts (GEMS: its per-task stash, one full gradient per task; `gems-projected` and "
-        "`gems-lowmem`: coordinates, plus full gradients of what is not projected); `peak_step` = peak "
+        "optimizer step starts (GEMS: its stash; `gems`, `gems-lowmem`: coordinates of the targeted weights plus "
+        "one mixed gradient of the others; `gems-full`: a full gradient per task of the targeted weights; "
+        "`gems-pertask`: a full gradient per task of every parameter); `peak_step` = peak "
         + ("RSS (VmHWM, reset before each step) minus RSS after loading model and batch, max over steps"
            if args.device == "cpu" else "torch.cuda.max_memory_allocated minus allocated bytes before the optimizer")
         + "; `peaks_per_step` lists each step (step 1 allocates the state and computes the first bases)."]
-    for name in ("gems", "gems-projected", "gems-lowmem"):
+    for name in ("gems", "gems-full", "gems-pertask", "gems-lowmem"):
         g = by.get(name)
         if g is None:
             continue

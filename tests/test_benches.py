@@ -53,8 +53,12 @@ def test_memory_bench_tiny(benches):
     assert by["gems"]["bases"] > 0 and by["gems"]["coords"] == 0
     assert by["gems"]["state_targeted"] < 0.6 * by["adamw"]["state_targeted"]
     assert by["gems"]["state_other"] == by["adamw"]["state_other"]  # embedding + norms: plain AdamW in both
-    # the per-task stash: one full gradient per task (2 tasks) vs one .grad for AdamW
-    assert by["gems"]["grads_held"] == 2 * by["adamw"]["grads_held"]
+    # the per-task form's stash: one full gradient per task (2 tasks) of every parameter vs one .grad for AdamW
+    assert by["gems-pertask"]["grads_held"] == 2 * by["adamw"]["grads_held"]
+    # one backward: full task gradients of the targeted weights, one mixed gradient of the others
+    assert by["adamw"]["grads_held"] < by["gems-full"]["grads_held"] < 2 * by["adamw"]["grads_held"]
+    # the default (one backward, stash="auto"): coordinates of the targeted weights, less than AdamW's .grad
+    assert by["gems"]["grads_held"] < by["adamw"]["grads_held"]
     # low-memory GEMS: coordinates only between steps, the embedding projected too
     low = by["gems-lowmem"]
     assert low["grads_held"] < by["adamw"]["grads_held"] and low["state_other"] < 0.05 * by["adamw"]["state_other"]

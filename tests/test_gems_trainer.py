@@ -195,13 +195,14 @@ def test_diagnostics_logging(tmp_path):
         trainer.train()
     logs = [h for h in trainer.state.log_history if "loss" in h]
     assert len(logs) == 2
-    assert all("gems/cos/search-rec" in h and "gems/gate/search" in h for h in logs)
-    assert all(-1.0 <= h["gems/cos/search-rec"] <= 1.0 for h in logs)
+    # the default one-backward form keeps coordinates only: the cosine is measured in the shared subspace
+    assert all("gems/cos_shared/search-rec" in h and "gems/gate/search" in h for h in logs)
+    assert all(-1.0 <= h["gems/cos_shared/search-rec"] <= 1.0 for h in logs)
     assert all(h["grad_norm"] > 0 for h in logs)  # the shared-gradient norm, measured on GEMS' stash
 
 
 def test_clipping_scales_the_stashed_task_gradients(tmp_path):
-    trainer = make_trainer(tmp_path, steps=1)
+    trainer = make_trainer(tmp_path, steps=1, gems_kwargs={"stash": "full"})
     trainer.create_optimizer()
     batch = collate([TinyTasks()[i] for i in range(6)])
     trainer.training_step(trainer.model, batch)

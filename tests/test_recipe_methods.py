@@ -268,7 +268,7 @@ def test_gems_one_backward_is_the_per_task_objective():
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             opt = gems.GemsOptimizer(torch.optim.SGD(list(model.parameters()) + list(head.parameters()), lr=0.5),
-                                     model=model, tasks=["search", "rec"], rank=2, task_rank=1)
+                                     model=model, tasks=["search", "rec"], rank=2, task_rank=1, stash="full")
         if form == "dict":
             task_backward(opt, {t: E.row_item_losses(model, rows[t], 0, item_ids, head=head).mean()
                                 for t in ("search", "rec")}, gems=True)

@@ -56,7 +56,7 @@ def test_row_split_linear_is_an_nn_linear_with_the_same_gradients():
     ref = nn.Linear(7, 5)
     model = nn.Sequential(nn.Linear(7, 5))
     model[0].load_state_dict(ref.state_dict())
-    split_backward.convert([("0", model[0])], {id(model[0].weight)})
+    split_backward.convert(model, {id(model[0].weight)})
     assert type(model[0]) is split_backward.RowSplitLinear and isinstance(model[0], nn.Linear)
     x = torch.randn(3, 4, 7, requires_grad=True)
     x2 = x.detach().clone().requires_grad_()
@@ -280,7 +280,7 @@ def test_errors_at_the_boundary():
     opt.zero_grad()
     inner = torch.optim.AdamW(TwoTaskNet().parameters(), lr=1e-2)
     no_model = gems.GemsOptimizer(inner, tasks=TASKS, rank=2, task_rank=1)
-    with pytest.raises(ValueError, match="not in a plain nn.Linear"):
+    with pytest.raises(ValueError, match="no model="):
         no_model.backward(torch.ones(2, requires_grad=True), task_ids=[0, 1])
 
 
@@ -300,3 +300,59 @@ def test_a_weight_used_outside_its_linear_is_refused():
     with pytest.raises(RuntimeError, match="used outside its Linear"):
         opt.backward(model(torch.randn(4, 6)).square().mean(1), task_ids=[0, 1, 0, 1])
     assert opt._task_grads.empty and all(p.grad is None for p in model.parameters())
+
+
+def _llama_opt(tied, stash, seed=17, **kw):
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(vocab_size=48, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+                                   tie_word_embeddings=tied, pad_token_id=0)
+    model = transformers.LlamaForCausalLM(cfg)
+    model.model.embed_tokens.padding_idx = 0
+    inner = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = gems.GemsOptimizer(inner, model=model, tasks=TASKS, rank=4, task_rank=2, update_proj_gap=2,
+                                 stash=stash, target_embeddings=True, **kw)
+    return model, opt
+
+
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("stash", ["full", "projected"])
+def test_target_embeddings_split_by_rows(tied, stash):
+    """The embedding's task gradients are a scatter-add of dY's rows (the padding row gets none); a tied LM head
+    adds its own piece. Untied: the same stash as the dict form (coordinates and norms); tied: the same
+    coordinates (projected norms are then estimated, see split_backward), and with uniform gates the same run."""
+    kw = {"gating": "uniform"} if tied and stash == "projected" else {}
+    (m1, o1), (m2, o2) = _llama_opt(tied, stash, **kw), _llama_opt(tied, stash, **kw)
+    emb = m2.model.embed_tokens
+    assert type(emb) is split_backward.RowSplitEmbedding and id(emb.weight) in o2._row_split
+    if tied:
+        assert type(m2.lm_head) is split_backward.RowSplitLinear
+    for step in range(4):
+        ids, mask, labels, tasks = _llama_batch(20 + step)
+        per_row, count = _token_losses(m1, ids, mask, labels)
+        losses = {t: (per_row * count)[tasks == k].sum() / count[tasks == k].sum() for k, t in enumerate(TASKS)}
+        o1.backward(losses, num_samples={t: float(count[tasks == k].sum()) for k, t in enumerate(TASKS)})
+        per_row, count = _token_losses(m2, ids, mask, labels)
+        o2.backward(per_row, task_ids=tasks, row_weights=count)
+        s1, s2 = o1._task_grads, o2._task_grads
+        w1 = next(w for w in o1.subspaces if w.name.endswith("embed_tokens.weight"))
+        w2 = next(w for w in o2.subspaces if w.name.endswith("embed_tokens.weight"))
+        for t in TASKS:
+            if id(w1.param) in s1.grads[t]:
+                g = s2.grads[t][id(w2.param)]
+                torch.testing.assert_close(g, s1.grads[t][id(w1.param)], rtol=1e-4, atol=1e-6)
+                if not tied:  # the padding row (tied: the LM head's logit of token 0 still has a gradient)
+                    assert float(g[0].abs().max()) == 0.0
+            if id(w1.param) in s1.coords[t]:
+                torch.testing.assert_close(s2.coords[t][id(w2.param)], s1.coords[t][id(w1.param)], rtol=1e-4, atol=2e-5)
+                if not tied:
+                    torch.testing.assert_close(s2.sqnorms[t][id(w2.param)], s1.sqnorms[t][id(w1.param)], rtol=1e-4,
+                                               atol=1e-9)
+        o1.step()
+        o2.step()
+        o1.zero_grad()
+        o2.zero_grad()
+    for p1, p2 in zip(m1.parameters(), m2.parameters()):
+        torch.testing.assert_close(p2, p1, rtol=1e-4, atol=1e-5)

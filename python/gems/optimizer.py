@@ -26,7 +26,7 @@ NULLSPACE_MODES = ("update", "gradient")
 STATE_TRANSFERS = ("keep", "rotate", "reset")
 MAX_GAP_FACTOR = 8
 NULLSPACE_DECAYS = ("project", "full")
-STASHES = ("full", "projected")
+STASHES = ("auto", "full", "projected")
 REFRESH_SCHEDULES = ("aligned", "staggered")
 BASIS_SIGNS = ("canonical", "solver")
 
@@ -154,7 +154,7 @@ class GemsOptimizer(torch.optim.Optimizer):
         adaptive_refresh: float | None = None,
         seed: int = 0,
         sync: str = "auto",
-        stash: str = "full",
+        stash: str = "auto",
         refresh_schedule: str = "aligned",
         target_embeddings: bool = False,
         warm_start: bool = False,
@@ -280,7 +280,7 @@ class GemsOptimizer(torch.optim.Optimizer):
         if not chosen:
             raise ValueError("GEMS found no trainable 2-D weight held by the inner optimizer to project")
         # targeted nn.Linear layers learn to hand their (X, dY) to opt.backward(row_losses, task_ids=...)
-        self._row_split = split_backward.convert(modules, {id(w.param) for w in chosen}) if model is not None else set()
+        self._row_split = split_backward.convert(model, {id(w.param) for w in chosen}) if model is not None else set()
         return chosen
 
     def _install_coordinates(self) -> None:
@@ -344,6 +344,15 @@ class GemsOptimizer(torch.optim.Optimizer):
                 f"targeted_weights={len(self._subspaces)}, shapes={shapes},\n  inner={self.inner!r})")
 
     @property
+    def _stash_mode(self) -> str:
+        """What this step's stash holds for targeted weights: "projected" (coordinates between refreshes) or
+        "full". ``stash="auto"``: projected for the one-backward form (its coordinates cost no m×n matrix),
+        full for the dict form (the kernels' fused projection reads full gradients)."""
+        if self.stash == "auto":
+            return "projected" if self._task_grads.form == "rows" else "full"
+        return self.stash
+
+    @property
     def subspaces(self) -> list[WeightSubspaces]:
         """Per targeted weight: name, side, ranks, bases and step (read-only view for tools and tests)."""
         return list(self._subspaces)
@@ -400,7 +409,7 @@ class GemsOptimizer(torch.optim.Optimizer):
         self._task_grads.begin("dict")
         params = [p for p in self._all_params if p.requires_grad]
         keep = retain_flags([losses[t] for t in self.tasks], retain_graph)  # shared forward graph?
-        if self.stash == "projected":
+        if self._stash_mode == "projected":
             self._backward_projected(losses, counts, params, keep)
         else:
             for i, t in enumerate(self.tasks):
@@ -619,7 +628,7 @@ class GemsOptimizer(torch.optim.Optimizer):
     def _coordinate_layout(self) -> dict[int, dict[str, tuple[int, int]]]:
         """For ``stash="projected"``: the weights whose task gradients are held as coordinates this step and
         the coordinate shape per task (the same on every rank: under DDP nothing is refreshed in backward)."""
-        if self.stash != "projected":
+        if self._stash_mode != "projected":
             return {}
         return {id(w.param): {t: reference.coord_shape(w.param.shape, w.side, w.ranks[SHARED] + w.ranks[t])
                               for t in self.tasks}
@@ -873,7 +882,7 @@ class GemsOptimizer(torch.optim.Optimizer):
     def _fused_adam(self) -> bool:
         """Whether the kernel backend can run the whole subspace step itself: torch Adam/AdamW with the
         standard flags, whose state tensors (step, exp_avg, exp_avg_sq) it then updates directly."""
-        if self.backend == "torch" or self.stash == "projected" or type(self.inner) not in (torch.optim.Adam, torch.optim.AdamW):
+        if self.backend == "torch" or self._stash_mode == "projected" or type(self.inner) not in (torch.optim.Adam, torch.optim.AdamW):
             return False
         return all(not g.get("amsgrad") and not g.get("maximize") and not g.get("capturable")
                    and not g.get("differentiable") for g in self.inner.param_groups)

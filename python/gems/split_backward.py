@@ -7,13 +7,16 @@ refreshes only the coordinates are needed, and they never need the m×n matrix: 
 (left) and G_t·B = dY_tᵀ·(X_t·B) (right); ‖G_t‖² comes from the rows' Gram matrices when that is cheaper.
 
 Targeted ``nn.Linear`` modules become :class:`RowSplitLinear` (same forward, same gradients under
-``loss.backward()`` or the dict form of ``opt.backward``). While ``opt.backward(row_losses, task_ids=...)``
-runs, their backward hands (X, dY) to the optimizer (``ROUTES``) instead of forming dW. Layers that mix rows
+``loss.backward()`` or the dict form of ``opt.backward``), targeted embeddings :class:`RowSplitEmbedding`
+(dW is a scatter-add of dY's rows, so G_t·B is a scatter-add of dY_t·B). While
+``opt.backward(row_losses, task_ids=...)`` runs, their backward hands a :class:`Piece` (X or the ids, and
+dY) to the optimizer (``ROUTES``) instead of forming dW. A weight used twice in one forward (a tied
+embedding and LM head) gets both pieces: its gradient is their sum, exactly; with the projected stash its
+‖G_t‖² is then estimated as across micro-batches (cross terms inside the subspace). Layers that mix rows
 (batch norm, packed sequences with cross-row attention) break the premise: use the dict form for those."""
 from __future__ import annotations
 
 import math
-import threading
 from collections.abc import Callable, Sequence
 
 import torch
@@ -22,7 +25,7 @@ from torch import Tensor, nn
 
 # id(weight) -> handler(x, dy), set only while opt.backward(row_losses, task_ids=...) runs. A module global,
 # not a thread-local: autograd runs a CUDA graph's backward on its own device threads.
-ROUTES: dict[int, Callable[[Tensor, Tensor], None]] = {}
+ROUTES: dict[int, Callable[["Piece"], None]] = {}
 
 
 class _LinearRows(torch.autograd.Function):
@@ -52,7 +55,7 @@ class _LinearRows(torch.autograd.Function):
             if route is None:
                 gw = dy.reshape(-1, dy.shape[-1]).T @ x.reshape(-1, x.shape[-1])
             else:
-                route(x, dy)  # the optimizer stashes per-task gradients or coordinates; autograd gets none
+                route(LinearPiece(x, dy))  # gems stashes per-task gradients or coordinates; autograd gets none
         return gx, gw, gb, None
 
 
@@ -66,17 +69,57 @@ class RowSplitLinear(nn.Linear):
         return F.linear(x, self.weight, self.bias)
 
 
-def convert(modules: Sequence[tuple[str, nn.Module]], targeted: set[int]) -> set[int]:
-    """Switch the exact ``nn.Linear`` modules holding a targeted weight to RowSplitLinear (subclasses keep
-    their own forward and stay unsplittable). Returns the ids of the weights that can be split."""
+class _EmbeddingRows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, ids: Tensor, weight: Tensor, key: int, padding_idx: int | None) -> Tensor:
+        ctx.key, ctx.padding_idx, ctx.num = key, padding_idx, weight.shape[0]
+        ctx.save_for_backward(ids)
+        return F.embedding(ids, weight, padding_idx)
+
+    @staticmethod
+    def backward(ctx, dy: Tensor):
+        (ids,) = ctx.saved_tensors
+        if ctx.padding_idx is not None:  # the padding row gets no gradient, as F.embedding's backward
+            dy = dy.masked_fill((ids == ctx.padding_idx).unsqueeze(-1), 0)
+        route = ROUTES.get(ctx.key)
+        if route is None:
+            gw = torch.zeros(ctx.num, dy.shape[-1], dtype=dy.dtype, device=dy.device)
+            return None, gw.index_add_(0, ids.reshape(-1), dy.reshape(-1, dy.shape[-1])), None, None
+        route(EmbeddingPiece(ids, dy, ctx.num))
+        return None, None, None, None
+
+
+class RowSplitEmbedding(nn.Embedding):
+    """``nn.Embedding`` (dense, no max_norm, no scale_grad_by_freq) whose gradient GEMS can split by rows."""
+
+    def forward(self, ids: Tensor) -> Tensor:
+        if torch.is_grad_enabled() and self.weight.requires_grad:
+            return _EmbeddingRows.apply(ids, self.weight, id(self.weight), self.padding_idx)
+        return F.embedding(ids, self.weight, self.padding_idx)
+
+
+def _splittable_embedding(m: nn.Module) -> bool:
+    return type(m) is nn.Embedding and m.max_norm is None and not m.scale_grad_by_freq and not m.sparse
+
+
+def convert(model: nn.Module, targeted: set[int]) -> set[int]:
+    """Switch the exact ``nn.Linear`` (and plain ``nn.Embedding``) modules holding a targeted weight to their
+    RowSplit classes; a tied LM head is switched with its embedding. Subclasses keep their own forward. Returns
+    the ids of the targeted weights every module of which can be split."""
+    users: dict[int, list[nn.Module]] = {}
+    for m in model.modules():
+        w = getattr(m, "weight", None)
+        if isinstance(w, Tensor) and id(w) in targeted and isinstance(m, (nn.Linear, nn.Embedding)):
+            users.setdefault(id(w), []).append(m)
     done = set()
-    for _, m in modules:
-        if id(m.weight) not in targeted:
-            continue
-        if type(m) is nn.Linear:
-            m.__class__ = RowSplitLinear
-        if type(m) is RowSplitLinear:
-            done.add(id(m.weight))
+    for key, mods in users.items():
+        for m in mods:
+            if type(m) is nn.Linear:
+                m.__class__ = RowSplitLinear
+            elif _splittable_embedding(m):
+                m.__class__ = RowSplitEmbedding
+        if all(type(m) in (RowSplitLinear, RowSplitEmbedding) for m in mods):
+            done.add(key)
     return done
 
 
@@ -129,9 +172,74 @@ def rows_of(t: Tensor, sel: slice | Tensor) -> Tensor:
     return part.reshape(-1, t.shape[-1])
 
 
+class Piece:
+    """One use of a targeted weight in the forward, as its backward sees it: ``rows`` batch rows, and the
+    task gradient / coordinates of any subset of them."""
+
+    rows: int
+
+    def select(self, sel) -> "Piece":
+        raise NotImplementedError
+
+    def gradient(self, scale: float) -> Tensor:
+        raise NotImplementedError
+
+    def coordinates(self, basis: Tensor, side: str, scale: float) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+
+class LinearPiece(Piece):
+    """Y = X·Wᵀ: dW = dYᵀ·X (x, dy: (batch, ..., features))."""
+
+    def __init__(self, x: Tensor, dy: Tensor):
+        self.x, self.dy = x, dy
+        self.rows = x.shape[0] if x.dim() >= 2 else 0
+
+    def select(self, sel) -> "LinearPiece":
+        return LinearPiece(rows_of(self.x, sel), rows_of(self.dy, sel))
+
+    def gradient(self, scale: float) -> Tensor:
+        return task_gradient(self.x, self.dy, scale)
+
+    def coordinates(self, basis: Tensor, side: str, scale: float) -> tuple[Tensor, Tensor]:
+        return task_coordinates(self.x, self.dy, basis, side, scale)
+
+
+class EmbeddingPiece(Piece):
+    """Y = W[ids]: dW = Σ_i e_{ids_i}·dY_iᵀ, a scatter-add of dY's rows (padding tokens already zeroed)."""
+
+    def __init__(self, ids: Tensor, dy: Tensor, num: int):
+        self.ids, self.dy, self.num = ids, dy, num
+        self.rows = ids.shape[0] if ids.dim() >= 1 else 0
+
+    def select(self, sel) -> "EmbeddingPiece":
+        ids = self.ids[sel] if isinstance(sel, slice) else self.ids.index_select(0, sel)
+        return EmbeddingPiece(ids.reshape(-1), rows_of(self.dy, sel), self.num)
+
+    def gradient(self, scale: float) -> Tensor:
+        g = torch.zeros(self.num, self.dy.shape[-1], dtype=torch.float32, device=self.dy.device)
+        return g.index_add_(0, self.ids, self.dy.float()).mul_(scale)
+
+    def coordinates(self, basis: Tensor, side: str, scale: float) -> tuple[Tensor, Tensor]:
+        dyf = self.dy.float()
+        if side == "left":  # Bᵀ·G = B[ids]ᵀ·dY
+            coords = basis[self.ids].T @ dyf
+        else:  # G·B = scatter-add of dY·B
+            coords = torch.zeros(self.num, basis.shape[1], dtype=torch.float32, device=dyf.device)
+            coords.index_add_(0, self.ids, dyf @ basis)
+        uniq, inverse = torch.unique(self.ids, return_inverse=True)  # G's non-zero rows only
+        rows = torch.zeros(uniq.numel(), dyf.shape[1], dtype=torch.float32, device=dyf.device).index_add_(0, inverse, dyf)
+        return coords.mul_(scale), rows.square().sum() * (scale * scale)
+
+
 def task_gradient(x: Tensor, dy: Tensor, scale: float) -> Tensor:
-    """G_t = scale·dYᵀ·X in fp32 (x, dy: (tokens, features) rows of one task)."""
-    return (dy.T @ x).float().mul_(scale)
+    """G_t = scale·dYᵀ·X in fp32 (x, dy: (tokens, features) rows of one task). The scale goes on the smaller
+    operand: a pass over the m×n product would cost as much memory traffic as the GEMM's output."""
+    if dy.numel() <= x.numel():
+        dy = dy * scale
+    else:
+        x = x * scale
+    return (dy.T @ x).float()
 
 
 def task_coordinates(x: Tensor, dy: Tensor, basis: Tensor, side: str, scale: float) -> tuple[Tensor, Tensor]:
@@ -149,6 +257,17 @@ def task_coordinates(x: Tensor, dy: Tensor, basis: Tensor, side: str, scale: flo
     else:
         sq = torch.linalg.vector_norm(dyf.T @ xf).square()
     return coords, sq * (scale * scale)
+
+
+def row_losses(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """Causal-LM per-row losses for ``opt.backward(losses, task_ids=..., row_weights=counts)``: each row's
+    mean next-token NLL over its label tokens (labels -100 are ignored; 0 for a row without any), and its
+    label-token count, so that each task's loss is its token mean, as the plain Trainer's."""
+    shift_logits = logits[:, :-1].float()
+    shift_labels = labels[:, 1:].to(shift_logits.device)
+    nll = F.cross_entropy(shift_logits.transpose(1, 2), shift_labels, ignore_index=-100, reduction="none")
+    count = (shift_labels != -100).sum(1)
+    return nll.sum(1) / count.clamp_min(1), count.float()
 
 
 def check_row_losses(losses, row_weights) -> tuple[Tensor, Tensor]:
@@ -184,10 +303,10 @@ def run(opt, losses: Tensor, task_ids, row_weights, retain_graph: bool) -> None:
     idx = task_rows(task_ids, tasks, losses.numel(), losses.device)
     unsplit = [w.name for w in opt._subspaces if id(w.param) not in opt._row_split]
     if unsplit:
-        raise ValueError(f"opt.backward(..., task_ids=...) splits the gradients of nn.Linear weights by rows; "
-                         f"{len(unsplit)} targeted weight(s) are not in a plain nn.Linear of the model given "
-                         f"as model= (embeddings, Linear subclasses, or no model=): {', '.join(unsplit[:5])}. "
-                         "Use the dict form opt.backward({task: loss}) for them")
+        raise ValueError(f"opt.backward(..., task_ids=...) splits the gradients of nn.Linear and nn.Embedding "
+                         f"weights by rows; {len(unsplit)} targeted weight(s) are not (only) in plain ones of the "
+                         f"model given as model= (subclasses, embeddings with max_norm/scale_grad_by_freq, or no "
+                         f"model=): {', '.join(unsplit[:5])}. Use the dict form opt.backward({{task: loss}})")
     stash.begin("rows")
     n_rows = losses.numel()
     sels = row_selectors(idx, len(tasks))
@@ -205,40 +324,43 @@ def run(opt, losses: Tensor, task_ids, row_weights, retain_graph: bool) -> None:
     by_id = {id(w.param): w for w in opt._subspaces}
     due = {k for k, w in by_id.items() if w.step >= w.next_refresh and k not in stash.refreshed}
     pending = opt._backward_refresh_batch()
-    lock = threading.Lock()
 
-    def route(x: Tensor, dy: Tensor, w) -> None:
+    def route(piece: "Piece", w) -> None:
         key = id(w.param)
-        if x.dim() < 2 or x.shape[0] != n_rows:
-            raise RuntimeError(f"{w.name}: its input has {x.shape[0] if x.dim() else 0} rows in the first "
-                               f"(batch) dimension but the loss has {n_rows}: task_ids must give one task per "
-                               "batch row of the model's input")
+        if piece.rows != n_rows:
+            raise RuntimeError(f"{w.name}: its input has {piece.rows} rows in the first (batch) dimension but "
+                               f"the loss has {n_rows}: task_ids must give one task per batch row of the model's input")
         if key in stash.nonfinite:
             return
-        parts = [(k, rows_of(x, sels[k]), rows_of(dy, sels[k])) for k in present]
-        full = opt.stash == "full" or key in due or (opt.nullspace_mode == "gradient" and w.protected is not None)
-        if not full:
-            for k, xk, dk in parts:
-                coords, sq = task_coordinates(xk, dk, opt._task_bases(w, tasks[k]), w.side, scales[k])
-                stash.add_projected(tasks[k], key, coords, sq, alphas[k])
-            return
-        grads = {k: task_gradient(xk, dk, scales[k]) for k, xk, dk in parts}
-        if opt.stash == "projected" and key not in due:  # nullspace_mode="gradient": project G_t first
-            for k, g in grads.items():
-                opt._stash_projected(w, tasks[k], g, alphas[k])
-        elif opt.stash == "projected" and refresh_here:
-            acc = []
-            for k in range(len(tasks)):
-                g = grads[k].mul_(alphas[k])
-                earlier = stash.grads[tasks[k]].pop(key, None)  # full gradients of earlier micro-batches
-                acc.append(g if earlier is None else earlier.add_(g))
-            item = opt._backward_refresh_job(w, acc, mix)
-            if item is not None:
-                with lock:  # autograd runs each device's backward on its own thread
-                    pending.add(item, w.param.device)
+        parts = [(k, piece.select(sels[k])) for k in present]
+        if opt._stash_mode == "full" or key in due:
+            # full G_t; a due weight's refresh waits for the end of the backward, when every piece of a
+            # weight used more than once (a tied embedding and LM head) has arrived
+            for k, part in parts:
+                stash.add_full(tasks[k], w.param, part.gradient(scales[k]), alpha=alphas[k])
+        elif opt.nullspace_mode == "gradient" and w.protected is not None:  # project G_t's null-space part
+            for k, part in parts:
+                opt._stash_projected(w, tasks[k], part.gradient(scales[k]), alphas[k])
         else:
-            for k, g in grads.items():
-                stash.add_full(tasks[k], w.param, g, alpha=alphas[k])
+            for k, part in parts:
+                coords, sq = part.coordinates(opt._task_bases(w, tasks[k]), w.side, scales[k])
+                stash.add_projected(tasks[k], key, coords, sq, alphas[k])
+
+    def refresh_due() -> None:
+        """Refresh the due weights from their full gradients (accumulated over this step's micro-batches),
+        then keep only their coordinates, as the per-task projected stash does."""
+        for w in opt._subspaces:
+            key = id(w.param)
+            if key not in due or key in stash.nonfinite:
+                continue
+            grads = [stash.grads[t].get(key) for t in tasks]
+            if any(g is None for g in grads):
+                continue  # not used in this call
+            for t in tasks:
+                del stash.grads[t][key]
+            item = opt._backward_refresh_job(w, grads, mix)
+            if item is not None:
+                pending.add(item, w.param.device)
 
     def on_grad(p: Tensor) -> None:
         g, p.grad = p.grad, None
@@ -255,10 +377,12 @@ def run(opt, losses: Tensor, task_ids, row_weights, retain_graph: bool) -> None:
     for p in params:
         p.grad = None
     handles = [p.register_post_accumulate_grad_hook(on_grad) for p in params]
-    ROUTES.update({id(w.param): (lambda x, dy, w=w: route(x, dy, w)) for w in opt._subspaces})
+    ROUTES.update({id(w.param): (lambda piece, w=w: route(piece, w)) for w in opt._subspaces})
     try:
         mean = (losses * (weights / total)).sum()
         torch.autograd.backward(mean, retain_graph=retain_graph)
+        if opt._stash_mode == "projected" and refresh_here:
+            refresh_due()
         pending.finish()
     except BaseException:
         stash.clear()  # a half-collected step would be silently wrong; redo the micro-batches

@@ -26,8 +26,9 @@ What it overrides and why
       logging. The accelerator's backward is bypassed, so this trainer supports single-process CPU/GPU
       training and DDP through GEMS' own gradient sync (not DeepSpeed, FSDP or fp16 loss scaling; bf16
       autocast via ``args.bf16`` works, there is no loss scaler to bypass).
-    * Gradient accumulation is exact: each micro-batch's task loss is its token mean and its weight its
-      label tokens, so ``opt.backward`` makes each task's gradient its token-weighted mean over the window
+    * Gradient accumulation is exact (with GA > 1 the trainer picks ``stash="full"`` unless ``gems_kwargs``
+      sets one: the projected stash estimates norms across micro-batches): each micro-batch's task loss is its
+      token mean and its weight its label tokens, so ``opt.backward`` makes each task's gradient its token-weighted mean over the window
       and the shared gradient Σ_t (N_t/N)·G_t the gradient of the mixed window's token-mean loss — what the
       plain Trainer computes. ``get_batch_samples`` counts the window's tokens only to scale the logged loss.
     * Gradient clipping (``args.max_grad_norm > 0``): GEMS keeps the task gradients in its stash, not in
@@ -62,6 +63,7 @@ except ImportError as exc:  # pragma: no cover - transformers is an optional dep
     raise ImportError("gems.integrations.transformers needs the transformers package; run: pip install transformers") from exc
 
 from gems.optimizer import GemsOptimizer
+from gems.split_backward import row_losses
 
 __all__ = ["GemsTrainer", "row_losses", "task_losses"]
 
@@ -89,16 +91,6 @@ def _task_index(value: Any, tasks: Sequence[str], n: int) -> Tensor:
 
 def _shifted_labels(labels: Tensor) -> Tensor:
     return labels[:, 1:]
-
-
-def row_losses(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-    """Per row: the mean next-token NLL over its label tokens (0 for a row without any), and its label-token
-    count (the row's weight in the one-backward form)."""
-    shift_logits = logits[:, :-1].float()
-    shift_labels = _shifted_labels(labels).to(shift_logits.device)
-    nll = F.cross_entropy(shift_logits.transpose(1, 2), shift_labels, ignore_index=-100, reduction="none")
-    count = (shift_labels != -100).sum(1)
-    return nll.sum(1) / count.clamp_min(1), count.float()
 
 
 def task_losses(logits: Tensor, labels: Tensor, task_idx: Tensor, tasks: Sequence[str],
@@ -182,7 +174,12 @@ class GemsTrainer(Trainer):
         if self.optimizer is None:
             super().create_optimizer(model)
         if not isinstance(self.optimizer, GemsOptimizer):
-            self.optimizer = GemsOptimizer(self.optimizer, model=opt_model, tasks=self.gems_tasks, **self.gems_kwargs)
+            kwargs = dict(self.gems_kwargs)
+            if "stash" not in kwargs and self.args.gradient_accumulation_steps > 1:
+                # projected coordinates estimate ‖G_t‖ across micro-batches (gates, clipping): keep accumulation
+                # exact unless the user asks for the projected stash
+                kwargs["stash"] = "full"
+            self.optimizer = GemsOptimizer(self.optimizer, model=opt_model, tasks=self.gems_tasks, **kwargs)
         return self.optimizer
 
     # ------------------------------------------------------------------------------------------ columns

@@ -73,12 +73,11 @@ MUTATIONS: dict[str, list[tuple[str, str, str]]] = {
         (SPLIT, "alpha_mix = stash.weight_of_mixed(total)", "alpha_mix = 1.0; stash.weight_of_mixed(total)")],
     "one backward: coordinates unweighted over micro-batches": [
         (SPLIT, "stash.add_projected(tasks[k], key, coords, sq, alphas[k])", "stash.add_projected(tasks[k], key, coords, sq, 1.0)")],
-    "one backward: refresh drops earlier micro-batches": [
-        (SPLIT, "acc.append(g if earlier is None else earlier.add_(g))", "acc.append(g if earlier is None else earlier)")],
+    "one backward: embedding coordinates scattered to the wrong rows": [
+        (SPLIT, "coords.index_add_(0, self.ids, dyf @ basis)", "coords.index_add_(0, self.ids.flip(0), dyf @ basis)")],
+    "one backward: embedding padding row gets a gradient": [
+        (SPLIT, "dy = dy.masked_fill((ids == ctx.padding_idx).unsqueeze(-1), 0)", "dy = dy")],
     "one backward: row weights ignored": [(SPLIT, "mean = (losses * (weights / total)).sum()", "mean = losses.mean()")],
-    "one backward: refresh without every task": [
-        (SPLIT, "refresh_here = not distributed.should_sync(opt.sync) and len(present) == len(tasks)",
-         "refresh_here = not distributed.should_sync(opt.sync)")],
     "one backward: DDP mixed gradient unweighted": [
         (DIST, "flat = torch.cat([(stash.mixed[id(p)].float() * n_local).flatten()",
          "flat = torch.cat([(stash.mixed[id(p)].float() * 1.0).flatten()")],

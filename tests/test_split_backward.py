@@ -178,6 +178,7 @@ def _llama_batch(seed=0, n=6, length=9):
         mask[r, :pad] = 0
         ids[r, :pad] = 0
         labels[r, :pad + (length - pad) // 2] = -100
+    ids[0, -3] = 0  # the padding token as a real token too: nn.Embedding(padding_idx=0) gives its row no gradient
     tasks = torch.tensor([0, 1, 0, 0, 1, 1][:n])
     return ids, mask, labels, tasks
 

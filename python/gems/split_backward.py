@@ -292,8 +292,8 @@ def run(opt, losses: Tensor, task_ids, row_weights, retain_graph: bool) -> None:
     """``opt.backward(row_losses, task_ids=...)``: one backward of the mixed-batch weighted mean loss.
 
     Targeted weights get each task's gradient (stash="full") or, between refreshes, its coordinates and
-    squared norm (stash="projected"; on a refresh step the full G_t of every task, refreshed in backward as
-    the per-task-backward path does). Every other parameter gets the mixed gradient, kept once (not per task).
+    squared norm (stash="projected", and "auto"; a due weight keeps the full G_t of every task until the end
+    of the backward, is refreshed there and then keeps coordinates only). Every other parameter gets the mixed gradient, kept once (not per task).
     Task t counts N_t = Σ of its rows' weights as its samples, as ``num_samples`` does in the dict form."""
     from gems import distributed
 

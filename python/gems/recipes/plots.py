@@ -53,6 +53,8 @@ def plot_conflict(history: Sequence[Mapping[str, Any]], path: str, *, pair: str 
     import numpy as np
 
     suffix = f"/cos/{pair}"
+    if not any(k.endswith(suffix) for rec in history for k in rec["diag"]):
+        suffix = f"/cos_shared/{pair}"  # coordinates only (the one-backward default): cosine in the shared subspace
     layers: list[str] = []
     for rec in history:
         for k in rec["diag"]:
@@ -77,7 +79,7 @@ def plot_conflict(history: Sequence[Mapping[str, Any]], path: str, *, pair: str 
         every = max(1, len(layers) // 14)
         ax0.set_yticks(range(0, len(layers), every))
         ax0.set_yticklabels([layers[i] for i in range(0, len(layers), every)], fontsize=6)
-        fig.colorbar(im, ax=ax0, label=f"cos({pair.replace('-', ', ')})")
+        fig.colorbar(im, ax=ax0, label=f"cos({pair.replace('-', ', ')})" + (" in B_sh" if "shared" in suffix else ""))
         mean_cos = np.nanmean(grid, axis=0)
         conf = [np.nanmean([v for k, v in rec["diag"].items() if k.endswith("/conflict")] or [np.nan])
                 for rec in history]

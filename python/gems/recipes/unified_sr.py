@@ -69,7 +69,7 @@ from gems.recipes.prompts import Prompts, TrainRow, rec_windows
 __all__ = ["Config", "PRESETS", "parse_args", "main", "run", "METHODS"]
 
 TASKS = ("search", "rec")  # GEMS task order; diagnostics keys read "cos/search-rec"
-RECIPE_VERSION = 1  # bump when a change alters what a finished run in a run log would contain
+RECIPE_VERSION = 2  # bump when a change alters what a finished run in a run log would contain (2: GEMS one backward)
 
 
 # ------------------------------------------------------------------------------------------------ config

@@ -389,8 +389,8 @@ class GemsOptimizer(torch.optim.Optimizer):
         One-backward form: ``opt.backward(row_losses, task_ids=ids)`` with one loss per batch row (a 1-D
         tensor from one forward over a mixed batch) and each row's task (names, or indices into ``tasks``);
         ``row_weights`` (default 1) weights the rows, e.g. by their label tokens. One backward gives every
-        task's exact gradient (or, with ``stash="projected"``, its coordinates) for the targeted nn.Linear
-        weights and the mixed gradient for the other parameters; task t counts Σ of its rows' weights as its
+        task's exact gradient (with the default ``stash="auto"``, between refreshes, only its coordinates) for the
+        targeted nn.Linear/nn.Embedding weights and the mixed gradient for the other parameters; task t counts Σ of its rows' weights as its
         samples. A single-task optimizer needs no ``task_ids``. See gems.split_backward."""
         if isinstance(losses, Tensor):
             if num_samples is not None:

@@ -60,6 +60,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS_DIR, machine_description, print_table, write_csv, write_markdown  # noqa: E402
 
 import gems  # noqa: E402
+from gems.split_backward import row_losses as row_lm_losses  # noqa: E402
 from gems.targets import select_linear_modules  # noqa: E402
 
 TASKS = ("search", "rec")
@@ -142,10 +143,9 @@ def make_batches(tokenizer, vocab: int, n: int, batch: int, seq: int, seed: int 
 def row_losses(model: nn.Module, batch: dict[str, torch.Tensor], tasks=TASKS) -> tuple[torch.Tensor, torch.Tensor]:
     """One forward over the concatenated batches of ``tasks``: each row's mean next-token loss, and its task."""
     ids = torch.cat([batch[t] for t in tasks])
-    logits = model(input_ids=ids).logits[:, :-1].float()
-    nll = nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
+    losses, _ = row_lm_losses(model(input_ids=ids).logits, ids)  # the baselines' token-mean loss, per row
     task_ids = torch.cat([torch.full((batch[t].shape[0],), i, dtype=torch.long) for i, t in enumerate(tasks)])
-    return nll.mean(1), task_ids
+    return losses, task_ids
 
 
 def task_losses(model: nn.Module, batch: dict[str, torch.Tensor], tasks=TASKS) -> dict[str, torch.Tensor]:

@@ -67,8 +67,8 @@ MUTATIONS: dict[str, list[tuple[str, str, str]]] = {
     "one backward: task scale N/N_t dropped": [(SPLIT, "scales = {k: total / counts[k] for k in present}",
                                                  "scales = {k: 1.0 for k in present}")],
     "one backward: Gram norm from X only": [(SPLIT, "sq = ((dyf @ dyf.T) * (xf @ xf.T))", "sq = ((xf @ xf.T) * (xf @ xf.T))")],
-    "one backward: contiguous rows off by one": [(SPLIT, "out.append(slice(rows[0], rows[-1] + 1))",
-                                                   "out.append(slice(rows[0], rows[-1]))")],
+    "one backward: contiguous rows off by one": [(SPLIT, "out.append(slice(r[0], r[-1] + 1))",
+                                                   "out.append(slice(r[0], r[-1]))")],
     "one backward: mixed gradient unweighted over micro-batches": [
         (SPLIT, "alpha_mix = stash.weight_of_mixed(total)", "alpha_mix = 1.0; stash.weight_of_mixed(total)")],
     "one backward: coordinates unweighted over micro-batches": [

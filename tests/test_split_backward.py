@@ -51,6 +51,17 @@ def _twins(seed=0, **kw):
     return out
 
 
+def _step_both(*opts):
+    for o in opts:
+        o.step()
+        o.zero_grad()
+
+
+def _assert_same_params(m1, m2):
+    for p1, p2 in zip(m1.parameters(), m2.parameters()):
+        torch.testing.assert_close(p2, p1, rtol=1e-4, atol=1e-5)
+
+
 def test_row_split_linear_is_an_nn_linear_with_the_same_gradients():
     torch.manual_seed(0)
     ref = nn.Linear(7, 5)
@@ -124,13 +135,9 @@ def test_a_whole_run_matches_the_per_task_backward_run_step_for_step(stash):
         losses, counts = _dict_losses(m1, x, y, ids, weights)
         o1.backward(losses, num_samples=counts)
         o2.backward(_row_losses(m2, x, y), task_ids=ids, row_weights=weights)
-        o1.step()
-        o2.step()
-        o1.zero_grad()
-        o2.zero_grad()
+        _step_both(o1, o2)
+        _assert_same_params(m1, m2)
         assert o1.last_gates == pytest.approx(o2.last_gates, rel=1e-4)
-        for p1, p2 in zip(m1.parameters(), m2.parameters()):
-            torch.testing.assert_close(p2, p1, rtol=1e-4, atol=1e-5)
     assert any(w.step == 7 for w in o2.subspaces)
 
 
@@ -151,12 +158,8 @@ def test_accumulation_with_unequal_task_counts(stash):
                 losses["b"] = losses["a"] * 0.0
             o1.backward(losses, num_samples=counts)
             o2.backward(_row_losses(m2, x, y), task_ids=ids, row_weights=weights)
-        o1.step()
-        o2.step()
-        o1.zero_grad()
-        o2.zero_grad()
-        for p1, p2 in zip(m1.parameters(), m2.parameters()):
-            torch.testing.assert_close(p2, p1, rtol=1e-4, atol=1e-5)
+        _step_both(o1, o2)
+        _assert_same_params(m1, m2)
 
 
 def _llama(seed=0):
@@ -221,13 +224,9 @@ def test_tiny_llama_with_padding_and_gradient_checkpointing(checkpointing):
                 for t in TASKS:
                     torch.testing.assert_close(o2._task_grads.coords[t][id(w2.param)],
                                                o1._task_grads.coords[t][id(w1.param)], rtol=1e-4, atol=1e-6)
-        o1.step()
-        o2.step()
-        o1.zero_grad()
-        o2.zero_grad()
+        _step_both(o1, o2)
     assert len(o2.subspaces) == 14  # 7 Linear layers per block
-    for p1, p2 in zip(m1.parameters(), m2.parameters()):
-        torch.testing.assert_close(p2, p1, rtol=1e-4, atol=1e-5)
+    _assert_same_params(m1, m2)
 
 
 def test_autocast_bf16_is_close_to_the_per_task_backward():
@@ -351,9 +350,5 @@ def test_target_embeddings_split_by_rows(tied, stash):
                 if not tied:
                     torch.testing.assert_close(s2.sqnorms[t][id(w2.param)], s1.sqnorms[t][id(w1.param)], rtol=1e-4,
                                                atol=1e-9)
-        o1.step()
-        o2.step()
-        o1.zero_grad()
-        o2.zero_grad()
-    for p1, p2 in zip(m1.parameters(), m2.parameters()):
-        torch.testing.assert_close(p2, p1, rtol=1e-4, atol=1e-5)
+        _step_both(o1, o2)
+    _assert_same_params(m1, m2)

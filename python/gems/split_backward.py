@@ -150,19 +150,17 @@ def task_rows(task_ids, tasks: Sequence[str], n: int, device: torch.device) -> T
     return idx
 
 
-def row_selectors(idx: Tensor, n_tasks: int) -> list[slice | Tensor | None]:
-    """Per task, its rows as a slice when they are contiguous (no copy when indexing), else an index tensor;
-    None for a task without rows."""
+def row_selectors(rows: list[list[int]], device: torch.device) -> list[slice | Tensor | None]:
+    """Per task (``rows[t]``: its row indices), a slice when they are contiguous (no copy when indexing), else
+    an index tensor; None for a task without rows."""
     out: list[slice | Tensor | None] = []
-    values = idx.tolist()
-    for t in range(n_tasks):
-        rows = [i for i, v in enumerate(values) if v == t]
-        if not rows:
+    for r in rows:
+        if not r:
             out.append(None)
-        elif rows[-1] - rows[0] + 1 == len(rows):
-            out.append(slice(rows[0], rows[-1] + 1))
+        elif r[-1] - r[0] + 1 == len(r):
+            out.append(slice(r[0], r[-1] + 1))
         else:
-            out.append(torch.tensor(rows, dtype=torch.long, device=idx.device))
+            out.append(torch.tensor(r, dtype=torch.long, device=device))
     return out
 
 
@@ -259,17 +257,23 @@ def task_coordinates(x: Tensor, dy: Tensor, basis: Tensor, side: str, scale: flo
     return coords, sq * (scale * scale)
 
 
-def row_losses(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-    """Causal-LM per-row losses for ``opt.backward(losses, task_ids=..., row_weights=counts)``: each row's
-    mean next-token NLL over its label tokens (labels -100 are ignored; 0 for a row without any), and its
-    label-token count, so that each task's loss is its token mean, as the plain Trainer's."""
+def row_nll(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """Per row of a causal LM's batch: Σ next-token NLL over its label tokens (labels -100 are ignored) and
+    the number of those tokens (an integer tensor)."""
     shift_logits = logits[:, :-1].float()
     shift_labels = labels[:, 1:].to(shift_logits.device)
     # (tokens, vocab) rows: cross_entropy over a transposed (B, V, S) view is several times slower on CPU
     nll = F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
                           ignore_index=-100, reduction="none").view(shift_labels.shape)
-    count = (shift_labels != -100).sum(1)
-    return nll.sum(1) / count.clamp_min(1), count.float()
+    return nll.sum(1), (shift_labels != -100).sum(1)
+
+
+def row_losses(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """Causal-LM per-row losses for ``opt.backward(losses, task_ids=..., row_weights=counts)``: each row's
+    mean next-token NLL over its label tokens (0 for a row without any), and its label-token count, so that
+    each task's loss is its token mean, as the plain Trainer's."""
+    total, count = row_nll(logits, labels)
+    return total / count.clamp_min(1), count.float()
 
 
 def check_row_losses(losses, row_weights) -> tuple[Tensor, Tensor]:
@@ -311,13 +315,15 @@ def run(opt, losses: Tensor, task_ids, row_weights, retain_graph: bool) -> None:
                          f"model=): {', '.join(unsplit[:5])}. Use the dict form opt.backward({{task: loss}})")
     stash.begin("rows")
     n_rows = losses.numel()
-    sels = row_selectors(idx, len(tasks))
+    values = idx.tolist()
+    rows = [[i for i, v in enumerate(values) if v == k] for k in range(len(tasks))]
+    sels = row_selectors(rows, idx.device)
     w_host = weights.tolist()
-    counts = [sum(w_host[i] for i, v in enumerate(idx.tolist()) if v == k) for k in range(len(tasks))]
+    counts = [sum(w_host[i] for i in r) for r in rows]
     total = sum(counts)
     present = [k for k in range(len(tasks)) if counts[k] > 0]
     detached = (losses.detach().float() * weights).tolist()
-    task_loss = {k: sum(detached[i] for i, v in enumerate(idx.tolist()) if v == k) / counts[k] for k in present}
+    task_loss = {k: sum(detached[i] for i in rows[k]) / counts[k] for k in present}
     alphas = {k: stash.weight_of(tasks[k], counts[k]) for k in present}
     alpha_mix = stash.weight_of_mixed(total)
     scales = {k: total / counts[k] for k in present}

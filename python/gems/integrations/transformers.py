@@ -54,7 +54,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 try:
@@ -63,7 +62,7 @@ except ImportError as exc:  # pragma: no cover - transformers is an optional dep
     raise ImportError("gems.integrations.transformers needs the transformers package; run: pip install transformers") from exc
 
 from gems.optimizer import GemsOptimizer
-from gems.split_backward import row_losses
+from gems.split_backward import row_losses, row_nll
 
 __all__ = ["GemsTrainer", "row_losses", "task_losses"]
 
@@ -98,13 +97,7 @@ def task_losses(logits: Tensor, labels: Tensor, task_idx: Tensor, tasks: Sequenc
     """Per-task causal-LM losses: Σ token NLL of the task's rows / ``denominators[task]`` (default: the
     task's label-token count in this batch), and the label-token count per task. A task with no row gets
     a zero loss that still depends on the logits (so ``opt.backward`` sees a graph) and count 0."""
-    shift_logits = logits[:, :-1].float()
-    shift_labels = _shifted_labels(labels).to(shift_logits.device)
-    nll = F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
-                          ignore_index=-100, reduction="none").view(shift_labels.shape)
-    valid = shift_labels != -100
-    per_row_sum = (nll * valid).sum(1)
-    per_row_count = valid.sum(1)
+    per_row_sum, per_row_count = row_nll(logits, labels)
     task_idx = task_idx.to(per_row_sum.device)
     losses: dict[str, Tensor] = {}
     counts: dict[str, float] = {}
@@ -114,7 +107,7 @@ def task_losses(logits: Tensor, labels: Tensor, task_idx: Tensor, tasks: Sequenc
         counts[t] = n
         den = float(denominators[t]) if denominators is not None else n
         if n == 0 or den == 0:
-            losses[t] = shift_logits.sum() * 0.0
+            losses[t] = logits[:, :-1].float().sum() * 0.0
         else:
             losses[t] = per_row_sum[rows].sum() / den
     return losses, counts
@@ -210,6 +203,15 @@ class GemsTrainer(Trainer):
                             ) -> tuple[dict[str, Tensor], dict[str, float], Tensor]:
         """Per-task token-mean losses of this micro-batch, its per-task label tokens, and the micro-batch's
         share of the accumulation window's mixed token-mean loss (for logging)."""
+        inputs, idx, labels = self._split_inputs(inputs)
+        logits = self._logits(model, inputs)
+        # opt.backward takes each micro-batch's per-token mean losses with their token counts and averages
+        # over the accumulation window itself, weighting by the counts; the window only scales the logged loss
+        losses, counts = task_losses(logits, labels, idx, self.gems_tasks)
+        return losses, counts, self._logged(sum(l.detach() * counts[t] for t, l in losses.items()), counts)
+
+    def _split_inputs(self, inputs: dict[str, Any]) -> tuple[dict[str, Any], Tensor, Tensor]:
+        """The model's inputs without the task column and labels, each row's task index, and the labels."""
         inputs = dict(inputs)
         if self.task_column not in inputs:
             raise KeyError(f"GemsTrainer needs a {self.task_column!r} column in every batch (task names or ids)")
@@ -217,12 +219,7 @@ class GemsTrainer(Trainer):
         labels = inputs.pop("labels", None)
         if labels is None:
             raise KeyError("GemsTrainer needs 'labels' in every batch (causal-LM labels, -100 = ignored)")
-        idx = _task_index(task_value, self.gems_tasks, labels.shape[0])
-        logits = self._logits(model, inputs)
-        # opt.backward takes each micro-batch's per-token mean losses with their token counts and averages
-        # over the accumulation window itself, weighting by the counts; the window only scales the logged loss
-        losses, counts = task_losses(logits, labels, idx, self.gems_tasks)
-        return losses, counts, self._logged(sum(l.detach() * counts[t] for t, l in losses.items()), counts)
+        return inputs, _task_index(task_value, self.gems_tasks, labels.shape[0]), labels
 
     def _logits(self, model: nn.Module, inputs: dict[str, Any]) -> Tensor:
         with self.compute_loss_context_manager():
@@ -234,14 +231,11 @@ class GemsTrainer(Trainer):
         window = self._gems_window if self._gems_window is not None and self._gems_window_left > 0 else counts
         return token_sum / (sum(window.values()) or 1.0)
 
-    def _one_backward(self, opt: GemsOptimizer, model: nn.Module, inputs: dict[str, Any]) -> Tensor | None:
+    def _one_backward(self, opt: GemsOptimizer, model: nn.Module, inputs: dict[str, Any]) -> Tensor:
         """One forward, one backward for all tasks (opt.backward(row_losses, task_ids=...)); the per-row
-        losses weighted by their label tokens give the same task gradients as the per-task form."""
-        inputs = dict(inputs)
-        if self.task_column not in inputs or "labels" not in inputs:
-            return None  # compute_task_losses raises the clear error
-        task_value, labels = inputs.pop(self.task_column), inputs.pop("labels")
-        idx = _task_index(task_value, self.gems_tasks, labels.shape[0])
+        losses weighted by their label tokens give the same task gradients as the per-task form. Returns the
+        logged loss."""
+        inputs, idx, labels = self._split_inputs(inputs)
         per_row, count = row_losses(self._logits(model, inputs), labels)
         if float(count.sum()) > 0:
             opt.backward(per_row, task_ids=idx.to(per_row.device), row_weights=count)
@@ -256,9 +250,9 @@ class GemsTrainer(Trainer):
         if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
             self.optimizer.train()
         inputs = self._prepare_inputs(inputs)
-        splittable = all(id(w.param) in opt._row_split for w in opt.subspaces)
-        mixed = self._one_backward(opt, model, inputs) if self.one_backward and splittable else None
-        if mixed is None:  # one forward and one autograd pass per task (the reference path)
+        if self.one_backward and all(id(w.param) in opt._row_split for w in opt.subspaces):
+            mixed = self._one_backward(opt, model, inputs)
+        else:  # one forward and one autograd pass per task (the reference path)
             losses, counts, mixed = self.compute_task_losses(model, inputs)
             if sum(counts.values()) > 0:
                 opt.backward(losses, num_samples=counts)

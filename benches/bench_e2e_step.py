@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import statistics
 import sys
 import time
@@ -137,7 +138,8 @@ def main(argv=None) -> list[dict[str, Any]]:
         runners.append(build(m, model, rank=args.rank, task_rank=args.task_rank, lora_rank=args.lora_rank,
                              gap=args.measure_gap, device=args.device))
         if runners[-1].opt.__class__.__name__ == "GemsOptimizer" and runners[-1].opt.refresh_schedule == "staggered":
-            runners[-1].opt.refresh_schedule = "aligned"
+            opt = runners[-1].opt
+            opt.config = dataclasses.replace(opt.config, refresh_schedule="aligned")
             runners[-1].settings = runners[-1].settings.replace("staggered", "aligned (timing)")
     del base
     samples: dict[str, list[dict[str, float]]] = {m: [] for m in methods}

@@ -3,7 +3,7 @@
     python benches/bench_micro.py --threads 1      # CPU parts
     python benches/bench_micro.py --device cuda    # adds the CUDA small-SVD driver comparison
 
-- finite check: max|x| vs the 2-norm on a 576×1536 fp32 gradient (gems.optimizer._finite uses the 2-norm
+- finite check: max|x| vs the 2-norm on a 576×1536 fp32 gradient (gems.reductions.finite uses the 2-norm
   first);
 - GEMS step: one GemsOptimizer(AdamW).step on a SmolLM2-shaped stack (6 layers of q/k/v/o + MLP shapes,
   2 tasks, rank 64 / task 32, no refresh), median of 5;

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import gems
-from gems import reference
+from gems import collect, reference
 from helpers import make_model, make_opt, task_batches, task_losses, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny SVDs: see conftest.one_thread
@@ -33,8 +33,8 @@ def test_derived_shared_gradient_equals_mixed_batch_gradient():
 
 
 def test_batched_shared_gradients_equal_the_reference():
-    """_shared_gradients (one foreach op per task) gives reference.shared_gradient bit for bit, per dtype."""
-    from gems.optimizer import _shared_gradients
+    """shared_gradients (one foreach op per task) gives reference.shared_gradient bit for bit, per dtype."""
+    from gems.reductions import shared_gradients as _shared_gradients
 
     g = torch.Generator().manual_seed(0)
     weights = [0.3, 0.7]
@@ -52,7 +52,7 @@ def test_non_targeted_params_get_the_shared_gradient():
     opt = make_opt(model)
     batch = task_batches(1, seed=3)[0]
     opt.backward(task_losses(model, batch), num_samples={"a": 1, "b": 3})
-    opt._gather_gradients()
+    collect.gather_gradients(opt)
     ga = torch.autograd.grad(task_losses(model, batch)["a"], [model.norm.weight])[0]
     gb = torch.autograd.grad(task_losses(model, batch)["b"], [model.norm.weight])[0]
     torch.testing.assert_close(model.norm.weight.grad, 0.25 * ga + 0.75 * gb)
@@ -348,9 +348,9 @@ def test_non_finite_gradient_of_a_non_targeted_parameter_skips_it_alone():
 
 
 def test_batched_norms_equal_one_norm_per_tensor():
-    """_norms (one multi-tensor reduction per device and dtype) gives what _norm gives tensor by tensor, for
-    mixed dtypes, non-contiguous, empty and overflowing tensors, and _read_scalars reads them back exactly."""
-    from gems.optimizer import _norm, _norms, _read_scalars
+    """norms (one multi-tensor reduction per device and dtype) gives what norm gives tensor by tensor, for
+    mixed dtypes, non-contiguous, empty and overflowing tensors, and read_scalars reads them back exactly."""
+    from gems.reductions import norm as _norm, norms as _norms, read_scalars as _read_scalars
 
     g = torch.Generator().manual_seed(0)
     ts = [torch.randn(57, 153, generator=g), torch.randn(64, dtype=torch.float64, generator=g),

@@ -21,6 +21,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from gems import nullspace as nsp
+from gems import reference
+
 __all__ = [
     "gradient_cosines",
     "conflict_ratio",
@@ -190,3 +193,39 @@ def finite_mean(values: Sequence[float]) -> float:
     """Mean of the finite values (NaN when none): a helper to summarise one key over layers."""
     vals = [v for v in values if math.isfinite(v)]
     return sum(vals) / len(vals) if vals else float("nan")
+
+
+# ------------------------------------------------------------------------------------------ an optimizer's
+def optimizer_diagnostics(opt: Any) -> dict[str, float]:
+    """GemsOptimizer.diagnostics (see there): every targeted weight's layer diagnostics from the stash."""
+    per_layer: dict[str, dict[str, float]] = {}
+    stash, tasks = opt._task_grads, opt.config.tasks
+    for w in opt._subspaces:
+        grads = {} if stash.empty else {t: stash.grads[t][id(w.param)] for t in tasks
+                                         if id(w.param) in stash.grads[t]}
+        bases = {s: w.bases[s] for s in w.subspaces() if w.bases[s] is not None}
+        shared = (reference.shared_gradient(list(grads.values()), stash.shared_weights())
+                  if len(grads) == len(tasks) and grads else None)
+        entry = layer_diagnostics(grads, bases=bases or None, side=w.side, shared_grad=shared) \
+            if (grads or bases) else {}
+        coords = {t: stash.coords[t][id(w.param)] for t in tasks if id(w.param) in stash.coords[t]}
+        if len(coords) >= 2:  # stash="projected": the tasks compared inside the shared subspace
+            entry["cos_shared"] = gradient_cosines({t: w.split_coords(c)[0] for t, c in coords.items()})
+        entry.update(opt._update_stats.get(w.name, {}))
+        if entry:
+            per_layer[w.name.removesuffix(".weight")] = entry
+    return flatten_diagnostics(per_layer, opt.last_gates)
+
+
+def record_update_stats(opt: Any, w: Any, ds: Mapping[str, Tensor], coeffs: Sequence[float]) -> None:
+    """Leakage of the update that is applied, and the share of the raw update that the null-space
+    projection removed (raw: the same δ mapped back through the unprojected bases)."""
+    subs = w.subspaces()
+    applied = sum(c * reference.project_back(ds[s], w.work_bases[s], w.side) for s, c in zip(subs, coeffs))
+    raw = sum(c * reference.project_back(ds[s], w.bases[s], w.side) for s, c in zip(subs, coeffs))
+    stats = {}
+    if w.protected is not None:
+        stats["leakage"] = nsp.leakage(applied, w.protected, w.protect_side)
+        norm = float(raw.norm())
+        stats["nullspace_removed"] = float((raw - applied).norm()) / norm if norm > 0 else 0.0
+    opt._update_stats[w.name] = stats

@@ -204,14 +204,22 @@ def _eig_desc(gram: Tensor, noise_dtype: torch.dtype = torch.float64) -> tuple[T
     return vals, vecs
 
 
+def orthonormality_error(q: Tensor) -> float:
+    """max |QᵀQ − I| in fp64 (0 for a basis without columns): the one orthonormality measure, for null-space
+    bases and for the subspace bases of a checkpoint alike (each with its own tolerance)."""
+    if q.shape[1] == 0:
+        return 0.0
+    q64 = q.double()
+    return float((q64.T @ q64 - torch.eye(q.shape[1], dtype=torch.float64, device=q.device)).abs().max())
+
+
 def _basis_problem(q: Tensor) -> str | None:
     """Why the d×k basis ``q`` cannot protect anything (non-finite, not orthonormal), or ``None``."""
     if q.shape[1] == 0:
         return None
     if not bool(torch.isfinite(q).all()):
         return "has non-finite entries (NaN or Inf)"
-    q64 = q.double()
-    err = float((q64.T @ q64 - torch.eye(q.shape[1], dtype=torch.float64, device=q.device)).abs().max())
+    err = orthonormality_error(q)
     if not err <= ORTHONORMAL_TOL:
         return f"must have orthonormal columns (max |QᵀQ − I| = {err:.2e} > {ORTHONORMAL_TOL:g})"
     return None

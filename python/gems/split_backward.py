@@ -301,10 +301,11 @@ def run(opt, losses: Tensor, task_ids, row_weights, retain_graph: bool) -> None:
     squared norm (stash="projected", and "auto"; a due weight keeps the full G_t of every task until the end
     of the backward, is refreshed there and then keeps coordinates only). Every other parameter gets the mixed gradient, kept once (not per task).
     Task t counts N_t = Σ of its rows' weights as its samples, as ``num_samples`` does in the dict form."""
-    from gems import distributed
+    from gems import backward as dict_form
+    from gems import distributed, schedule
 
     stash = opt._task_grads
-    tasks = opt.tasks
+    tasks = opt.config.tasks
     losses, weights = check_row_losses(losses, row_weights)
     idx = task_rows(task_ids, tasks, losses.numel(), losses.device)
     unsplit = [w.name for w in opt._subspaces if id(w.param) not in opt._row_split]
@@ -328,10 +329,10 @@ def run(opt, losses: Tensor, task_ids, row_weights, retain_graph: bool) -> None:
     alpha_mix = stash.weight_of_mixed(total)
     scales = {k: total / counts[k] for k in present}
     mix = [c / total for c in counts]
-    refresh_here = not distributed.should_sync(opt.sync) and len(present) == len(tasks)
+    refresh_here = not distributed.should_sync(opt.config.sync) and len(present) == len(tasks)
     by_id = {id(w.param): w for w in opt._subspaces}
-    due = {k for k, w in by_id.items() if w.step >= w.next_refresh and k not in stash.refreshed}
-    pending = opt._backward_refresh_batch()
+    due = {k for k, w in by_id.items() if schedule.due(w) and k not in stash.refreshed}
+    pending = dict_form.backward_batch(opt)
 
     def route(piece: "Piece", w) -> None:
         key = id(w.param)
@@ -346,12 +347,12 @@ def run(opt, losses: Tensor, task_ids, row_weights, retain_graph: bool) -> None:
             # weight used more than once (a tied embedding and LM head) has arrived
             for k, part in parts:
                 stash.add_full(tasks[k], w.param, part.gradient(scales[k]), alpha=alphas[k])
-        elif opt.nullspace_mode == "gradient" and w.protected is not None:  # project G_t's null-space part
+        elif opt.config.nullspace_mode == "gradient" and w.protected is not None:  # project G_t's null-space part
             for k, part in parts:
-                opt._stash_projected(w, tasks[k], part.gradient(scales[k]), alphas[k])
+                dict_form.stash_projected(opt, w, tasks[k], part.gradient(scales[k]), alphas[k])
         else:
             for k, part in parts:
-                coords, sq = part.coordinates(opt._task_bases(w, tasks[k]), w.side, scales[k])
+                coords, sq = part.coordinates(w.task_bases(tasks[k]), w.side, scales[k])
                 stash.add_projected(tasks[k], key, coords, sq, alphas[k])
 
     def refresh_due() -> None:
@@ -366,7 +367,7 @@ def run(opt, losses: Tensor, task_ids, row_weights, retain_graph: bool) -> None:
                 continue  # not used in this call
             for t in tasks:
                 del stash.grads[t][key]
-            item = opt._backward_refresh_job(w, grads, mix)
+            item = schedule.backward_job(opt, w, grads, mix)
             if item is not None:
                 pending.add(item, w.param.device)
 

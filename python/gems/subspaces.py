@@ -108,6 +108,16 @@ class WeightSubspaces:
         """Subspaces with a positive rank, shared first then tasks in order."""
         return [s for s, r in self.ranks.items() if r > 0]
 
+    def task_bases(self, task: str) -> Tensor:
+        """[B_sh, B_t] (work bases): one projection of task t's gradient gives its shared and task coordinates."""
+        return torch.cat([self.work_bases[SHARED], self.work_bases[task]], dim=1) if self.ranks[task] \
+            else self.work_bases[SHARED]
+
+    def split_coords(self, coords: Tensor) -> tuple[Tensor, Tensor]:
+        """Coordinates against [B_sh, B_t] → (shared part, task part)."""
+        r_sh = self.ranks[SHARED]
+        return (coords[:r_sh], coords[r_sh:]) if self.side == "left" else (coords[:, :r_sh], coords[:, r_sh:])
+
     def basis_similarity(self, old: dict[str, Tensor | None]) -> float:
         """‖B_oldᵀ B_new‖²_F / r of the shared subspace: 1 when the span did not move, ~r/d when random."""
         prev, new = old.get(SHARED), self.bases[SHARED]

@@ -84,6 +84,7 @@ def load_state_dict(opt: "GemsOptimizer", state_dict: Mapping[str, Any]) -> None
     for w, s in zip(opt._subspaces, saved):
         check_saved_weight(w, s)
     opt.inner.load_state_dict(state_dict["inner"])
+    opt._plan_epoch += 1  # new bases and moments: the fused step's operand lists are rebuilt
     gap = opt.config.update_proj_gap
     for w, s in zip(opt._subspaces, saved):
         w.step = int(s["step"])

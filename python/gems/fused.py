@@ -3,6 +3,7 @@ write of W (``back_project_update``), one launch per group of weights that share
 param group; plus the inner step counters they advance. The kernels' contract is docs/kernel_contract.md."""
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -52,22 +53,60 @@ def kernel_bases(opt: "GemsOptimizer", w: WeightSubspaces) -> list[Tensor]:
             for s in opt.config.subspace_names]
 
 
-def project_adam(opt: "GemsOptimizer", work: list["WorkItem"], shared_w: list[float]
-                 ) -> tuple[dict[int, dict[str, Tensor]], list["WorkItem"]]:
-    """Projection + Adam of the fused weights by the kernel backend, one launch per group of weights that
-    share shape, dtype, side, ranks, param group and inner step count. Returns the δ and the work items
-    left to the generic path: a weight whose subspaces' inner step counters disagree (one launch applies
-    one bias correction)."""
-    mod = backend_module(opt.backend)
+@dataclass
+class _Group:
+    """Weights that one ``project_adam`` and one ``back_project_update`` launch serve, with the operand lists
+    the launches take (kept between steps: they change only at a refresh or a load)."""
+
+    members: list[WeightSubspaces]
+    bases: list[list[Tensor]]
+    exp_avg: list[list[Tensor]]
+    exp_avg_sq: list[list[Tensor]]
+    decay: list[Tensor | None]
+    count: float  # the inner states' step count (one bias correction per launch)
+    per_weight_write: bool  # δ projected per weight first (null space on the non-basis side)
+    deltas: list[list[Tensor]] = field(default_factory=list)
+
+
+@dataclass
+class Plan:
+    """The fused step's grouping, built when the set of fused weights, their bases or the inner state
+    changes (``signature``), reused at every other step: host work per step is then a loop over groups."""
+
+    signature: tuple
+    groups: list[_Group]
+    leftover: list[int]  # indices of weights whose subspaces' step counts disagree: the generic path
+    counters: list[dict[str, Any]]  # the inner states the launches step (their "step" entries advance)
+    expected: Tensor | None = None  # the step-counter buffer as this plan left it
+
+
+def _signature(opt: "GemsOptimizer", work: list["WorkItem"]) -> tuple:
+    # a refresh, a load and a reset bump opt._plan_epoch; a new state dict of the inner optimizer has a new identity
+    return tuple(item.w.index for item in work), opt._plan_epoch, id(opt.inner.state)
+
+
+def _still_valid(opt: "GemsOptimizer", plan: Plan | None, work: list["WorkItem"]) -> bool:
+    """The plan fits this step: same weights, no refresh or load since, and every step counter is still the
+    buffer's view with the value the last step left (a counter replaced or set by hand, as torch.optim allows,
+    rebuilds the plan, which reads the counts again)."""
+    if plan is None or plan.expected is None or plan.signature != _signature(opt, work):
+        return False
+    buf, views = opt._step_buffer
+    if len(views) != len(plan.counters) or any(st["step"] is not v for st, v in zip(plan.counters, views)):
+        return False
+    return torch.equal(buf, plan.expected)
+
+
+def _build_plan(opt: "GemsOptimizer", work: list["WorkItem"]) -> Plan:
+    from gems.step import decay_basis
+
     names = opt.config.subspace_names
     current = _buffered_steps(opt)
-    groups: dict[tuple, list] = {}
-    leftover = []
+    keyed: dict[tuple, _Group] = {}
+    leftover, counters = [], []
     for item in work:
         w = item.w
-        for c in w.coords.values():
-            c.grad = None
-        per, steps = [], set()
+        per, steps, counted = [], set(), []
         for sub in names:
             if w.ranks[sub] == 0:  # the contract keeps every subspace in place, empty ones included
                 per.append({name: placeholder(opt, w.coord_shape(sub), w.param.device, name)
@@ -83,29 +122,71 @@ def project_adam(opt: "GemsOptimizer", work: list["WorkItem"], shared_w: list[fl
             step = st["step"]
             steps.add(current[id(step)] if id(step) in current else float(step))  # one read for the buffered
             per.append(st)
+            counted.append(st)
         if len(steps) > 1:
-            leftover.append(item)
+            leftover.append(w.index)
             continue
         count = steps.pop() if steps else 0.0
         key = (tuple(w.param.shape), w.param.dtype, w.side, tuple(w.ranks.items()), id(w.group), count)
-        groups.setdefault(key, []).append((w, item.grads, per))
-    deltas = {}
-    counted: list[dict[str, Any]] = []  # inner states the kernels stepped
-    for key, members in groups.items():
-        group = members[0][0].group
+        g = keyed.get(key)
+        if g is None:
+            g = keyed[key] = _Group([], [], [], [], [], count, False)
+        g.members.append(w)
+        g.bases.append(kernel_bases(opt, w))
+        g.exp_avg.append([st["exp_avg"] for st in per])
+        g.exp_avg_sq.append([st["exp_avg_sq"] for st in per])
+        g.decay.append(decay_basis(opt, w))
+        g.per_weight_write |= w.delta_projector is not None
+        counters += counted
+    return Plan(_signature(opt, work), list(keyed.values()), leftover, counters)
+
+
+def project_adam(opt: "GemsOptimizer", work: list["WorkItem"], shared_w: list[float]) -> Plan:
+    """Projection + Adam of the fused weights by the kernel backend, one launch per group of weights that
+    share shape, dtype, side, ranks, param group and inner step count; each group's δ stays in the plan for
+    ``write``. ``plan.leftover``: the weights left to the generic path, whose subspaces' inner step counters
+    disagree (one launch applies one bias correction)."""
+    plan = opt._fused_plan
+    if not _still_valid(opt, plan, work):
+        plan = opt._fused_plan = _build_plan(opt, work)
+    mod = backend_module(opt.backend)
+    grads = {item.w.index: item.grads for item in work}
+    for g in plan.groups:
+        group = g.members[0].group
         beta1, beta2 = group["betas"]
-        out = mod.project_adam(
-            [g for _, g, _ in members], list(shared_w),
-            [kernel_bases(opt, w) for w, *_ in members],
-            [[st["exp_avg"] for st in per] for _, _, per in members],
-            [[st["exp_avg_sq"] for st in per] for _, _, per in members],
-            side=members[0][0].side, step=int(key[-1]) + 1, lr=float(group["lr"]),
+        g.deltas = mod.project_adam(
+            [grads[w.index] for w in g.members], list(shared_w), g.bases, g.exp_avg, g.exp_avg_sq,
+            side=g.members[0].side, step=int(g.count) + 1, lr=float(group["lr"]),
             beta1=float(beta1), beta2=float(beta2), eps=float(group["eps"]))
-        for (w, _, per), ds in zip(members, out):
-            deltas[w.index] = dict(zip(names, ds))
-            counted += [st for st in per if "step" in st]  # not the rank-0 placeholders
-    _advance_step_counters(opt, counted)
-    return deltas, leftover
+    for g in plan.groups:
+        g.count += 1
+    _advance_step_counters(opt, plan.counters)
+    buf, views = opt._step_buffer
+    plan.expected = buf.clone() if len(views) == len(plan.counters) and all(
+        st["step"] is v for st, v in zip(plan.counters, views)) else None
+    return plan
+
+
+def write(opt: "GemsOptimizer", plan: Plan, gates: list[float]) -> list[tuple[WeightSubspaces, dict[str, Tensor]]]:
+    """W ← W − lr·wd·D(W) + Σ_s c_s·B'_s·δ_s for the fused weights, one ``back_project_update`` per group.
+    Returns the (weight, δ) of the groups that need the per-weight write (gems.step.write_updates): a δ
+    projected first (null space on the non-basis side), or update statistics being recorded."""
+    names = opt.config.subspace_names
+    scale = opt.config.scale
+    coeffs = [scale] + [scale * g for g in gates]
+    mod = backend_module(opt.backend)
+    per_weight = []
+    for g in plan.groups:
+        if g.per_weight_write or opt.track_update_stats:
+            per_weight += [(w, dict(zip(names, ds))) for w, ds in zip(g.members, g.deltas)]
+        else:
+            w0 = g.members[0]
+            mod.back_project_update(
+                [w.param for w in g.members], g.bases, coeffs, g.deltas, side=w0.side, lr=float(w0.group["lr"]),
+                weight_decay=float(w0.group.get("weight_decay", 0.0)), decay_bases=g.decay,
+                decay_side=nsp.acts_on(w0.protect_side))
+        g.deltas = []
+    return per_weight
 
 
 class WriteBatches:

@@ -103,6 +103,9 @@ class GemsOptimizer(torch.optim.Optimizer):
         self._placeholders: dict[tuple, Tensor] = {}
         # the fused path's inner step counters as views of one buffer (gems.fused._advance_step_counters)
         self._step_buffer: tuple[Tensor, list[Tensor]] = (torch.zeros(0), [])
+        # the fused step's grouping (gems.fused.Plan), rebuilt after a refresh or a load (they bump the epoch)
+        self._fused_plan = None
+        self._plan_epoch = 0
 
         # torch.optim.Optimizer plumbing (hooks, profiling) without a second set of param groups.
         self._optimizer_step_pre_hooks = OrderedDict()

@@ -57,6 +57,8 @@ def install(opt: "GemsOptimizer", refreshed: list[tuple[WeightSubspaces, dict[st
     """Give the weights their new bases, once every refresh of the step succeeded (rank 0's under DDP),
     then move the inner state into them and schedule the next refresh."""
     swapped = []
+    if refreshed:
+        opt._plan_epoch += 1  # new bases: the fused step's operand lists are rebuilt
     for w, new in refreshed:
         swapped.append((w, dict(w.bases)))
         w.bases.update(new)

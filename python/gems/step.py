@@ -76,13 +76,20 @@ def run(opt: "GemsOptimizer", per_weight: collect.PerWeight, shared_w: list[floa
         kernels, rest = [], []
         for item in work:
             (rest if fused.backend_for(opt, item.w) == "torch" else kernels).append(item)
-        deltas, leftover = fused.project_adam(opt, kernels, shared_w)
+        plan = fused.project_adam(opt, kernels, shared_w)
         # the other weights (backend="auto" keeps large ones on torch, and any the kernels left) and the
         # non-targeted parameters; the fused weights' coordinates have no gradient and are skipped
-        deltas.update(_inner_step(opt, rest + leftover, shared_w))
+        left = set(plan.leftover)
+        rest += [item for item in kernels if item.w.index in left]
+        deltas = _inner_step(opt, rest, shared_w)
+        pairs = [(item.w, deltas[item.w.index]) for item in rest] + fused.write(opt, plan, gates)
     else:
         deltas = _inner_step(opt, work, shared_w)
-    _write_updates(opt, work, deltas, gates)
+        pairs = [(item.w, deltas[item.w.index]) for item in work]
+    write_updates(opt, pairs, gates)
+    for item in work:
+        item.w.release_coords()
+        item.w.step += 1
     if not stash.empty:
         # opt.backward's gradients are consumed by the step, the shared .grad GEMS gave the other
         # parameters included: a second step() without a new opt.backward steps nothing, targeted or not
@@ -178,14 +185,12 @@ def decay_basis(opt: "GemsOptimizer", w: WeightSubspaces) -> Tensor | None:
     return w.protected
 
 
-def _write_updates(opt: "GemsOptimizer", work: list[WorkItem], deltas: dict[int, dict[str, Tensor]],
-                   gates: list[float]) -> None:
-    """W ← W − lr·wd·D(W) + Σ_s c_s·B'_s·δ_s for every stepped weight, through the backend (kernels get
-    every weight of one shape, dtype, side, ranks and param group in one call)."""
+def write_updates(opt: "GemsOptimizer", pairs: list[tuple[WeightSubspaces, dict[str, Tensor]]],
+                  gates: list[float]) -> None:
+    """W ← W − lr·wd·D(W) + Σ_s c_s·B'_s·δ_s for each (weight, δ), through its backend (kernels get every
+    weight of one shape, dtype, side, ranks and param group in one call)."""
     batches = fused.WriteBatches()
-    for item in work:
-        w = item.w
-        ds = deltas[w.index]
+    for w, ds in pairs:
         if w.delta_projector is not None:
             ds = {s: nsp.project_update(d, w.delta_projector, w.protect_side) for s, d in ds.items()}
         coeffs = coefficients(opt, w, gates)
@@ -199,9 +204,6 @@ def _write_updates(opt: "GemsOptimizer", work: list[WorkItem], deltas: dict[int,
         else:
             batches.add(backend, w, ds, decay_basis(opt, w))
     batches.launch(opt, gates)
-    for item in work:
-        item.w.release_coords()
-        item.w.step += 1
 
 
 def apply_torch(w: WeightSubspaces, ds: dict[str, Tensor], coeffs: list[float], lr: float, wd: float,

@@ -47,6 +47,7 @@ import torch
 from torch import Tensor, nn
 
 from gems.errors import GemsError, MissingResourceError
+from gems.refresh import orthonormality_errors
 from gems.targets import select_linear_modules, unwrap
 
 logger = logging.getLogger(__name__)
@@ -207,10 +208,7 @@ def _eig_desc(gram: Tensor, noise_dtype: torch.dtype = torch.float64) -> tuple[T
 def orthonormality_error(q: Tensor) -> float:
     """max |QᵀQ − I| in fp64 (0 for a basis without columns): the one orthonormality measure, for null-space
     bases and for the subspace bases of a checkpoint alike (each with its own tolerance)."""
-    if q.shape[1] == 0:
-        return 0.0
-    q64 = q.double()
-    return float((q64.T @ q64 - torch.eye(q.shape[1], dtype=torch.float64, device=q.device)).abs().max())
+    return 0.0 if q.shape[1] == 0 else float(orthonormality_errors(q.unsqueeze(0))[0])
 
 
 def _basis_problem(q: Tensor) -> str | None:

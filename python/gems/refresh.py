@@ -236,7 +236,7 @@ def _sketch(a: Tensor, width: int, generators: Sequence[torch.Generator]) -> Ten
     return (buckets[:, :width] - buckets[:, width:]).transpose(-2, -1)
 
 
-def _orthonormality_error(q: Tensor) -> Tensor:
+def orthonormality_errors(q: Tensor) -> Tensor:
     """max |QᵀQ − I| per matrix of a b×d×k stack, computed in fp64 (an fp32 GEMM may run in TF32 on a GPU)."""
     q = q.double()
     eye = torch.eye(q.shape[-1], device=q.device, dtype=q.dtype)
@@ -258,7 +258,7 @@ def _cholesky_qr(y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         q = torch.linalg.solve_triangular(chol.transpose(-2, -1), q, upper=True, left=False)
         r = chol.transpose(-2, -1) if r is None else chol.transpose(-2, -1) @ r
         ok &= info == 0
-    ok &= (_orthonormality_error(q) < CHOLESKY_QR_TOL) & torch.isfinite(r).flatten(1).all(dim=1)
+    ok &= (orthonormality_errors(q) < CHOLESKY_QR_TOL) & torch.isfinite(r).flatten(1).all(dim=1)
     return q.to(y.dtype), r.to(y.dtype), ok
 
 
@@ -314,7 +314,7 @@ def _small_svd(r: Tensor) -> tuple[Tensor, Tensor]:
                 u[i], s[i], _ = _driver_svd(r[i])
             except torch.linalg.LinAlgError:
                 u[i] = float("nan")  # redone below
-    err = _orthonormality_error(u).tolist()  # the one host sync of this function
+    err = orthonormality_errors(u).tolist()  # the one host sync of this function
     bad = [i for i, e in enumerate(err) if not e < 1e-4]  # NaN counts as bad
     if bad:
         u_bad, s_bad, _ = torch.linalg.svd(r[bad])

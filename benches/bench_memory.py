@@ -60,6 +60,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS_DIR, machine_description, print_table, write_csv, write_markdown  # noqa: E402
 
 import gems  # noqa: E402
+from gems.resources import require  # noqa: E402
 from gems.split_backward import row_losses as row_lm_losses  # noqa: E402
 from gems.targets import select_linear_modules  # noqa: E402
 
@@ -72,6 +73,7 @@ LR = 1e-5  # small: the benches step the real model and only time/measure it
 # ------------------------------------------------------------------------------------------ model, data
 def tiny_model() -> nn.Module:
     """Random 2-layer Llama (hidden 64, tied embeddings): same module names as SmolLM2, seconds to run."""
+    require("transformers", "benches/bench_memory.py")
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -92,6 +94,7 @@ SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, n
 
 
 def random_smollm2() -> nn.Module:
+    require("transformers", "benches/bench_memory.py")
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -207,7 +210,7 @@ def preimport(method: str) -> None:
     """Import the method's library up front (measurements then see only what the method allocates)."""
     module = {"galore": "galore_torch", "apollo": "apollo_torch", "lora": "peft"}.get(method)
     if module is not None:
-        __import__(module)
+        require(module, f"benches: method {method!r}")
 
 
 def apollo_available() -> bool:

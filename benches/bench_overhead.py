@@ -38,6 +38,7 @@ if not torch.cuda.is_available():
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 import gems  # noqa: E402
+from gems.resources import require  # noqa: E402
 from _common import RESULTS_DIR, machine_description, print_table, synchronize, write_csv, write_markdown  # noqa: E402
 
 TASKS = ("search", "rec")
@@ -67,6 +68,7 @@ COLUMNS = ("method", "backend", "weights", "kernel_ops", "scalar_reads", "other_
 
 
 def small_smollm2(layers: int, hidden: int, device: str) -> torch.nn.Module:
+    require("transformers", "benches/bench_overhead.py")
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)

@@ -41,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS_DIR, machine_description, print_table, time_fn, write_csv, write_markdown  # noqa: E402
 
 from gems.refresh import compute_basis, compute_bases  # noqa: E402
+from gems.resources import require  # noqa: E402
 
 RANKS = (64, 128, 256, 512)
 # The optimizer refreshes the weights due at one step together, same-shape ones in one batched call
@@ -72,6 +73,7 @@ def synthetic_pair(m: int, n: int, seed: int, alpha: float = 1.0) -> tuple[torch
 
 
 def _load_model():
+    require("transformers", "benches/bench_refresh.py")
     try:
         from gems.recipes.model import load_model_and_tokenizer
 

@@ -18,6 +18,7 @@ import warnings
 import torch
 
 import gems
+from gems.resources import require
 from _common import RESULTS_DIR, machine_description, print_table, write_csv, write_markdown
 
 POLICIES = [
@@ -30,6 +31,7 @@ POLICIES = [
 
 
 def _model(seed):
+    require("transformers", "benches/bench_refresh_policies.py")
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,

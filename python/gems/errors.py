@@ -6,7 +6,14 @@ class GemsError(Exception):
 
 
 class MissingResourceError(GemsError, FileNotFoundError):
-    """A package, model or data file gems needs is not installed or not found (message says how to get it)."""
+    """A model or data file gems needs (or the registry wheel carrying it) is not installed or not found
+    (message says how to get it)."""
+
+
+class MissingDependencyError(GemsError, ImportError):
+    """An optional Python package a feature needs cannot be imported; the message names the gems extra that
+    installs it and ends in the pip command (:func:`gems.resources.require`). An ImportError, so the usual
+    ``except ImportError`` around an optional import catches it."""
 
 
 class BackendUnavailableError(GemsError, RuntimeError):

@@ -56,13 +56,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-try:
-    from transformers import Trainer
-except ImportError as exc:  # pragma: no cover - transformers is an optional dependency
-    raise ImportError("gems.integrations.transformers needs the transformers package; run: pip install transformers") from exc
-
 from gems.optimizer import GemsOptimizer
+from gems.resources import require
 from gems.split_backward import row_losses, row_nll
+
+Trainer = require("transformers", "gems.integrations.transformers (GemsTrainer)").Trainer
 
 __all__ = ["GemsTrainer", "row_losses", "task_losses"]
 

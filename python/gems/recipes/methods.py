@@ -24,9 +24,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from gems.errors import MissingResourceError
+from gems.resources import require
 
-__all__ = ["METHODS", "MethodSpec", "NullSpaceUpdate", "build_method", "method_tasks"]
+__all__ = ["METHODS", "MethodSpec", "NullSpaceUpdate", "build_method", "method_tasks", "method_packages"]
 
 TASKS = ("search", "rec")
 
@@ -52,8 +52,27 @@ METHODS: dict[str, MethodSpec] = {m.name: m for m in (
 )}
 
 
+# The optional package each optimizer kind imports (gems.resources.OPTIONAL says which extra installs it).
+OPTIMIZER_PACKAGE = {"lora": "peft", "galore": "galore_torch"}
+
+
 def method_tasks(name: str) -> tuple[str, ...]:
     return METHODS[name].tasks
+
+
+def _feature(names: Sequence[str]) -> str:
+    return f"method{'s' if len(names) > 1 else ''} {', '.join(repr(n) for n in names)}"
+
+
+def method_packages(names: Sequence[str]) -> dict[str, str]:
+    """{optional package: what needs it ("method 'lora'")} for the methods ``names``, so a run can import
+    them all before it trains anything."""
+    users: dict[str, list[str]] = {}
+    for name in names:
+        module = OPTIMIZER_PACKAGE.get(METHODS[name].optimizer)
+        if module is not None:
+            users.setdefault(module, []).append(name)
+    return {module: _feature(ms) for module, ms in users.items()}
 
 
 @dataclass(frozen=True)
@@ -144,18 +163,18 @@ def build_method(name: str, model: nn.Module, item_ids: Sequence[int], lr: float
     spec = METHODS[name]
     if spec.nullspace and nullspace is None:
         raise ValueError(f"method {name!r} needs a calibrated null space")
+    # the method's own library first: without it nothing is built (the message names the extra)
+    module = OPTIMIZER_PACKAGE.get(spec.optimizer)
+    package = require(module, _feature([name])) if module is not None else None
     adam = dict(betas=(0.9, 0.999), eps=1e-6)
     info: dict[str, Any] = {}
     if spec.optimizer == "lora":
-        try:
-            from peft import LoraConfig, get_peft_model
-        except ImportError:
-            raise MissingResourceError("method 'lora' needs the peft package; run: pip install peft") from None
-        lcfg = LoraConfig(r=hp.lora_r, lora_alpha=2 * hp.lora_r, lora_dropout=0.0, target_modules="all-linear",
-                          trainable_token_indices={_embedding_name(model): list(item_ids)}, task_type="CAUSAL_LM")
+        lcfg = package.LoraConfig(r=hp.lora_r, lora_alpha=2 * hp.lora_r, lora_dropout=0.0,
+                                  target_modules="all-linear", task_type="CAUSAL_LM",
+                                  trainable_token_indices={_embedding_name(model): list(item_ids)})
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            model = get_peft_model(model, lcfg)
+            model = package.get_peft_model(model, lcfg)
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         items = [p for n, p in named if "trainable_tokens" in n]
         body = [p for n, p in named if "trainable_tokens" not in n]
@@ -174,10 +193,6 @@ def build_method(name: str, model: nn.Module, item_ids: Sequence[int], lr: float
         return model, torch.optim.AdamW(_groups(body, items, lr, hp, extra), **adam), info
     total_rank = hp.rank + len(TASKS) * hp.task_rank
     if spec.optimizer == "galore":
-        try:
-            from galore_torch import GaLoreAdamW
-        except ImportError:
-            raise MissingResourceError("methods 'galore*' need galore-torch; run: pip install galore-torch") from None
         from gems.targets import select_linear_modules
 
         targets = {id(m.weight) for _, m in select_linear_modules(model, None)}
@@ -186,7 +201,7 @@ def build_method(name: str, model: nn.Module, item_ids: Sequence[int], lr: float
         groups = _groups(rest, items, lr, hp, extra) + [
                   {"params": low, "lr": lr, "weight_decay": hp.weight_decay, "rank": total_rank,
                    "update_proj_gap": hp.gap, "scale": 1.0, "proj_type": "std"}]
-        opt = GaLoreAdamW(groups, **adam, no_deprecation_warning=True)
+        opt = package.GaLoreAdamW(groups, **adam, no_deprecation_warning=True)
         info["targeted_weights"] = len(low)
         if spec.nullspace:
             protect = {p: q for p, q in _protected(model, nullspace).items() if id(p) in targets}

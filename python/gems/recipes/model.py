@@ -27,7 +27,6 @@ head is not tied to the embeddings), so a model already "knows" roughly what an 
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
 import shutil
@@ -38,7 +37,7 @@ from typing import Any
 import torch
 
 from gems.errors import MissingResourceError
-from gems.resources import packaged_path
+from gems.resources import packaged_path, require
 
 __all__ = [
     "DEFAULT_GGUF_FILE",
@@ -59,6 +58,10 @@ _USAGE = (
     "pass a local Hugging Face model directory (with config.json) or a .gguf file, "
     "or no model for SmolLM2-135M-Instruct"
 )
+
+
+def _transformers() -> Any:
+    return require("transformers", "loading a model (gems.recipes.model)")
 
 
 # ----------------------------------------------------------------------------------------------- paths
@@ -111,13 +114,10 @@ def _check_replaceable(cache_dir: str) -> None:
 
 def _convert_gguf(gguf_path: str, cache_dir: str) -> None:
     """De-quantise ``gguf_path`` with transformers and save it as fp32 safetensors into ``cache_dir``."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    for module, pip_name in (("gguf", "gguf"), ("accelerate", "accelerate")):
-        if importlib.util.find_spec(module) is None:
-            raise MissingResourceError(
-                f"loading a GGUF model needs the '{module}' package; run: pip install {pip_name}"
-            )
+    transformers = _transformers()
+    AutoModelForCausalLM, AutoTokenizer = transformers.AutoModelForCausalLM, transformers.AutoTokenizer
+    for module in ("gguf", "accelerate"):
+        require(module, "loading a GGUF model")
     folder, name = os.path.split(os.path.abspath(gguf_path))
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, local_files_only=True, dtype=torch.float32)
@@ -183,7 +183,7 @@ def _resolve(model: str | os.PathLike[str] | None, cache_dir: str | None) -> str
 
 # ----------------------------------------------------------------------------------------------- loading
 def _load_tokenizer_from(path: str) -> Any:
-    from transformers import AutoTokenizer
+    AutoTokenizer = _transformers().AutoTokenizer
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
@@ -208,8 +208,7 @@ def load_model_and_tokenizer(
     :class:`~gems.errors.MissingResourceError` for a missing wheel, an unknown path or a directory
     transformers cannot load.
     """
-    from transformers import AutoModelForCausalLM
-
+    AutoModelForCausalLM = _transformers().AutoModelForCausalLM
     path = _resolve(model, cache_dir)
     tokenizer = _load_tokenizer_from(path)
     try:
@@ -234,8 +233,7 @@ def load_tokenizer(model: str | os.PathLike[str] | None = None, *, cache_dir: st
         target = cache_dir or (default_cache_dir() if model is None else _gguf_cache_dir(gguf))
         if _cache_is_valid(target, gguf):
             return _load_tokenizer_from(target)
-        from transformers import AutoTokenizer
-
+        AutoTokenizer = _transformers().AutoTokenizer
         folder, name = os.path.split(os.path.abspath(gguf))
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True)
         if tokenizer.pad_token is None and tokenizer.eos_token is not None:

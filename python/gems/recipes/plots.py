@@ -10,8 +10,9 @@ __all__ = ["plot_validation", "plot_conflict", "plot_pareto"]
 
 
 def _plt():
-    import matplotlib
+    from gems.resources import require
 
+    matplotlib = require("matplotlib", "the recipe's plots (gems.recipes.plots)")
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 

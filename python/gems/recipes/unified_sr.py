@@ -35,7 +35,8 @@ Protocol (every method gets the same of everything but its update rule):
 Outputs under ``--out`` (stem ``unified_sr_<device>[_<preset>]``): ``.md`` (tables, verdict, command,
 machine), ``.csv``, ``.json`` (everything), ``_runs.jsonl`` (one line per finished run: a rerun with the
 same command skips them; ``--fresh`` starts over), ``_pareto.png``, ``_val_ndcg.png``,
-``_gems_conflict.png``.
+``_gems_conflict.png`` (the plots need matplotlib, the ``plot`` extra; without it they are skipped with one line
+saying so).
 
 Bad input (a missing wheel or data file, an unknown model path, an items file without a needed column,
 an empty split) ends with one line ``error: ...`` on stderr and exit status 2.
@@ -59,12 +60,13 @@ from typing import Any
 
 import torch
 
-from gems.errors import DataError, GemsError, MissingResourceError
+from gems.errors import DataError, GemsError, MissingDependencyError, MissingResourceError
 from gems.recipes import baselines as B
 from gems.recipes import data as D
 from gems.recipes import evaluate as E
-from gems.recipes.methods import METHODS, Hyper, build_method
+from gems.recipes.methods import METHODS, Hyper, build_method, method_packages
 from gems.recipes.prompts import Prompts, TrainRow, rec_windows
+from gems.resources import require
 
 __all__ = ["Config", "PRESETS", "parse_args", "main", "run", "METHODS"]
 
@@ -414,6 +416,7 @@ def _autocast(cfg: Config) -> torch.dtype | None:
 
 
 def _bar(cfg: Config, **kw):
+    require("tqdm", _FEATURE)
     from tqdm.auto import tqdm
 
     return tqdm(disable=not cfg.progress, dynamic_ncols=True, file=sys.stderr, **kw)
@@ -684,9 +687,30 @@ class RunLog:
 
 
 # ------------------------------------------------------------------------------------------------ run
+_FEATURE = "python -m gems.recipes.unified_sr"
+
+
+def check_dependencies(cfg: Config) -> None:
+    """Before any work: import every optional package the run needs (transformers, tqdm, and each method's
+    library), so a missing one ends the run at once with the extra that installs it, not after minutes of
+    training. Without matplotlib the plots are skipped (``cfg.plots`` set False) with one line on stderr
+    saying how to enable them."""
+    for module in ("transformers", "tqdm"):
+        require(module, _FEATURE)
+    for module, feature in method_packages(cfg.methods).items():
+        require(module, f"{feature} of {_FEATURE}")
+    if cfg.plots:
+        try:
+            require("matplotlib", "the PNG plots")
+        except MissingDependencyError as exc:
+            cfg.plots = False
+            print(f"plots skipped: {exc} to enable them (--no-plots hides this line)", file=sys.stderr)
+
+
 def run(cfg: Config) -> dict[str, Any]:
     """Tune, train the final seeds and evaluate every method of ``cfg``; write the outputs; return the report."""
     t_all = time.perf_counter()
+    check_dependencies(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     if cfg.device == "cuda" and not torch.cuda.is_available():

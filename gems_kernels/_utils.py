@@ -1,4 +1,8 @@
-"""Glue shared by the Triton launchers: mode detection, boundary checks, pointer tables, block sizes.
+"""Glue shared by the Triton launchers: mode detection, the device rule, pointer tables, block sizes.
+
+The operands are checked by gems.contract (one checker per contract, shared with the CUDA backend); this
+module holds what only the Triton launchers need: the device rule they hand it, the int32 extent limit,
+the memo of checked operands (:data:`CHECKED`) and the pointer tables.
 
 Batching across weights uses **pointer tables** (as Triton's grouped-GEMM tutorial does): the launcher
 writes the addresses of every gradient, basis, moment and δ tensor into one small int64 tensor, and each
@@ -12,7 +16,6 @@ offsets inside one tensor are int32 (m·n < 2³¹, checked).
 """
 from __future__ import annotations
 
-import math
 import os
 import weakref
 from collections import OrderedDict
@@ -23,8 +26,6 @@ import torch
 # Decided once, when the kernels are decorated: triton.jit picks the interpreter at decoration time.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-GRAD_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-SIDES = ("left", "right")
 _INT32_MAX = 2**31 - 1
 
 # fp32 operands on a GPU: 3xTF32 keeps ~fp32 accuracy (the 2x-of-torch-fp32 test rule) on tensor cores;
@@ -39,97 +40,31 @@ def dot_precision(dtype: torch.dtype) -> str:
     return FP32_DOT_PRECISION if dtype == torch.float32 else "tf32"
 
 
-def check_device(t: torch.Tensor, what: str) -> None:
+def check_device(device: torch.device, what: str) -> None:
+    """The Triton backend's device rule (gems.contract's ``device_rule``): the one device of a call's operands."""
     if INTERPRET:
-        if t.device.type != "cpu":
-            raise ValueError(f"{what}: TRITON_INTERPRET=1 runs the kernels on CPU tensors only, got {t.device}")
-    elif t.device.type != "cuda":
-        raise ValueError(f"{what}: the compiled Triton kernels need CUDA tensors, got {t.device} "
+        if device.type != "cpu":
+            raise ValueError(f"{what}: TRITON_INTERPRET=1 runs the kernels on CPU tensors only, got {device}")
+    elif device.type != "cuda":
+        raise ValueError(f"{what}: the compiled Triton kernels need CUDA tensors, got {device} "
                          "(set TRITON_INTERPRET=1 before importing gems_kernels to run them on CPU)")
 
 
-def check_side(side: str, name: str = "side") -> str:
-    if side not in SIDES:
-        raise ValueError(f"{name} must be 'left' or 'right', got {side!r}")
-    return side
-
-
-def check_float(x, what: str) -> float:
-    try:
-        v = float(x)
-    except (TypeError, ValueError):
-        raise ValueError(f"{what} must be a real number, got {x!r}") from None
-    if not math.isfinite(v):
-        raise ValueError(f"{what} must be finite, got {v}")
-    return v
-
-
-def as_nested(x, K: int, inner: int | None, what: str) -> list[list]:
-    """Validate a list[K] of list[inner] (inner=None: any common length)."""
-    if not isinstance(x, Sequence) or len(x) != K:
-        raise ValueError(f"{what} must be a list of {K} lists (one per weight), got {type(x).__name__} "
-                         f"of length {len(x) if isinstance(x, Sequence) else '?'}")
-    out = []
-    for k, row in enumerate(x):
-        if not isinstance(row, Sequence) or isinstance(row, torch.Tensor):
-            raise ValueError(f"{what}[{k}] must be a list of tensors")
-        if inner is not None and len(row) != inner:
-            raise ValueError(f"{what}[{k}] must hold {inner} tensors, got {len(row)}")
-        out.append(list(row))
-    return out
-
-
-def contiguous_for_write(t: torch.Tensor) -> tuple[torch.Tensor, bool]:
-    """(tensor to hand the kernel, whether it must be copied back into ``t`` afterwards)."""
-    if t.is_contiguous():
-        return t, False
-    return t.contiguous(), True
-
-
-def first_matrix(t, what: str, dtype_what: str) -> tuple[int, int, torch.dtype, torch.device]:
-    """Shape, dtype and device of the first matrix of a batch, checked: the rest are compared to it."""
-    if not isinstance(t, torch.Tensor) or t.dim() != 2:
-        raise ValueError(f"{what} must be 2-D tensors (m×n)")
-    if t.dtype not in GRAD_DTYPES:
-        raise ValueError(f"{dtype_what} must be float32, bfloat16 or float16, got {t.dtype}")
-    check_device(t, what)
-    check_int32_extent(t.numel(), f"a {dtype_what.rstrip('s')}")
-    return int(t.shape[0]), int(t.shape[1]), t.dtype, t.device
-
-
-def subspace_ranks(bases0, S: int, side: str, M: int, N: int) -> tuple[list[int], list[tuple[int, int]]]:
-    """Rank of each of the S subspaces (from the first weight's bases, checked to be D×r) and the matching
-    coordinate shapes: (r, N) for the left side, (M, r) for the right."""
-    D = M if side == "left" else N
-    ranks = []
-    for s in range(S):
-        b = bases0[s]
-        if not isinstance(b, torch.Tensor) or b.dim() != 2 or b.shape[0] != D:
-            raise ValueError(f"bases[0][{s}] must be {D}×r (side {side!r} of a {M}×{N} weight), got "
-                             f"{tuple(getattr(b, 'shape', ()))}")
-        ranks.append(int(b.shape[1]))
-    return ranks, [(r, N) if side == "left" else (M, r) for r in ranks]
+def contiguous_rows(rows: list[list[torch.Tensor]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Replace every non-contiguous ``rows[k][i]`` by a contiguous copy, in place; returns the (original, copy)
+    pairs, for in-place outputs to be copied back after the launch (empty when nothing was copied)."""
+    copies = []
+    for row in rows:
+        for i, t in enumerate(row):
+            if not t.is_contiguous():
+                row[i] = t.contiguous()
+                copies.append((t, row[i]))
+    return copies
 
 
 def flatten(nested: Sequence[Sequence]) -> list:
     """list[K] of list[S] → the K·S items row by row (the order of the launchers' pointer tables)."""
     return [x for row in nested for x in row]
-
-
-def check_bases(bases: list[list], D: int, ranks: Sequence[int], device: torch.device) -> bool:
-    """Check that every ``bases[k][s]`` is a D×ranks[s] float32 tensor on ``device`` and make it contiguous in
-    place; True when some basis had to be copied for that (its pointer then names a temporary)."""
-    copied = False
-    for k, row in enumerate(bases):
-        for s, b in enumerate(row):
-            if (not isinstance(b, torch.Tensor) or tuple(b.shape) != (D, ranks[s]) or b.dtype != torch.float32
-                    or b.device != device):
-                raise ValueError(f"bases[{k}][{s}] must be a {D}×{ranks[s]} float32 tensor on {device} (bases are "
-                                 f"fp32 and all weights of a call share their ranks), got "
-                                 f"{tuple(getattr(b, 'shape', ()))} {getattr(b, 'dtype', None)}")
-            row[s] = b.contiguous()
-            copied |= row[s] is not b
-    return copied
 
 
 def check_int32_extent(numel: int, what: str) -> None:

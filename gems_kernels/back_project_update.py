@@ -29,6 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
+from gems import contract
+
 from . import _utils as U
 from .project_adam import _INTERP_MAX_BLOCK
 
@@ -152,80 +154,37 @@ def back_project_update(
 ) -> None:
     """W_k ← decay(W_k) + Σ_s coeff_s·project_back(δ_ks, B_ks, side) for K same-shape weights, in place,
     in one launch. See docs/kernel_contract.md and gems.reference (project_back, apply_update)."""
-    U.check_side(side)
-    U.check_side(decay_side, "decay_side")
-    if not isinstance(weights, Sequence) or isinstance(weights, torch.Tensor):
-        raise ValueError("weights must be a list of tensors")
-    K = len(weights)
+    c = contract.back_project_update_args(weights, bases, coeffs, deltas, side=side, lr=lr, weight_decay=weight_decay,
+                                          decay_bases=decay_bases, decay_side=decay_side,
+                                          device_rule=U.check_device, memo=U.CHECKED)
+    K, S = c.K, c.S
     if K == 0:
         return
-    bases = U.as_nested(bases, K, None, "bases")
-    S = len(bases[0])
-    if S == 0:
-        raise ValueError("bases[k] must hold at least one basis (the shared subspace)")
-    bases = U.as_nested(bases, K, S, "bases")
-    if not isinstance(coeffs, Sequence) or len(coeffs) != S:
-        raise ValueError(f"coeffs must hold one float per subspace ({S}), got "
-                         f"{len(coeffs) if isinstance(coeffs, Sequence) else type(coeffs).__name__}")
-    cs = [U.check_float(c, f"coeffs[{s}]") for s, c in enumerate(coeffs)]
-    deltas = U.as_nested(deltas, K, S, "deltas")
-    lr = U.check_float(lr, "lr")
-    wd = U.check_float(weight_decay, "weight_decay")
-
-    w0 = weights[0]
-    M, N, dtype, device = U.first_matrix(w0, "weights", "weights")
-    D = M if side == "left" else N
+    ws, bases, deltas, qs = c.lists
+    cs, lr, wd, decay_side = c.scalars
+    M, N, dtype, device = c.M, c.N, c.dtype, c.device
+    U.check_int32_extent(M * N, "a weight")
+    ranks = c.ranks
 
     flat = U.flatten
     # weights and bases are the same tensors at every step between two refreshes: checked once (U.CHECKED)
-    persistent = list(weights) + flat(bases)
-    memo_key = ("back_project_update", side, M, N, dtype, device, K, S, id(persistent[0]))
-    checked = U.CHECKED.get(memo_key, persistent)
     writeback = []
-    if checked is None:
-        ws = []
-        for k, w in enumerate(weights):
-            if not isinstance(w, torch.Tensor) or tuple(w.shape) != (M, N) or w.dtype != dtype or w.device != device:
-                raise ValueError(f"weights[{k}] must be {M}×{N} {dtype} on {device}, got "
-                                 f"{tuple(getattr(w, 'shape', ()))} {getattr(w, 'dtype', None)}")
-            wc, copied = U.contiguous_for_write(w)
-            if copied:
-                writeback.append((w, wc))
-            ws.append(wc)
-        ranks, coord = U.subspace_ranks(bases[0], S, side, M, N)
-        copied = U.check_bases(bases, D, ranks, device)
+    if c.known is None:
+        writeback = U.contiguous_rows([ws])
+        copied = U.contiguous_rows(bases)
         w_tab, b_tab = U.ptr_table(ws, device), U.ptr_table(flat(bases), device)
         if not copied and not writeback:  # tables of temporary copies must not outlive this call
-            U.CHECKED.put(memo_key, persistent, (ranks, coord, w_tab, b_tab))
+            c.remember((w_tab, b_tab))
     else:
-        ranks, coord, w_tab, b_tab = checked
-        ws = list(weights)
-    for k in range(K):
-        for s in range(S):
-            d = deltas[k][s]
-            if (not isinstance(d, torch.Tensor) or tuple(d.shape) != coord[s] or d.dtype != torch.float32
-                    or d.device != device):
-                raise ValueError(f"deltas[{k}][{s}] must be a {coord[s][0]}×{coord[s][1]} float32 tensor on "
-                                 f"{device}, got {tuple(getattr(d, 'shape', ()))} {getattr(d, 'dtype', None)}")
-            deltas[k][s] = d.contiguous()
+        w_tab, b_tab = c.known
+    for row in deltas:
+        for s, d in enumerate(row):
+            row[s] = d.contiguous()
 
     decays = lr != 0.0 and wd != 0.0
     decay_mul = 1.0 - lr * wd if decays else 1.0
     decay_coef = lr * wd if decays else 0.0
-    qs, us, qranks = [], [], []
-    if decay_bases is not None:
-        if not isinstance(decay_bases, Sequence) or len(decay_bases) != K:
-            raise ValueError(f"decay_bases must be None or a list of {K} (tensor or None), one per weight")
-        Dq = M if decay_side == "left" else N
-        for k, qb in enumerate(decay_bases):
-            if qb is None:
-                qs.append(None)
-                continue
-            if not isinstance(qb, torch.Tensor) or qb.dim() != 2 or qb.shape[0] != Dq or not qb.is_floating_point() \
-                    or qb.device != device:
-                raise ValueError(f"decay_bases[{k}] must be a floating {Dq}×q tensor on {device} (decay_side "
-                                 f"{decay_side!r} of a {M}×{N} weight), got {tuple(getattr(qb, 'shape', ()))}")
-            qs.append(qb)
+    us, qranks = [], []
     has_decay_basis = decays and any(q is not None and q.shape[1] > 0 for q in qs)
     if has_decay_basis:
         for k in range(K):

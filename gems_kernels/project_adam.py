@@ -36,6 +36,9 @@ import torch
 import triton
 import triton.language as tl
 
+from gems import contract
+from gems import reference as R
+
 from . import _utils as U
 
 # GPU tile (not measured, see module doc): 64 combined rows × 128 columns of the free dimension, fp32
@@ -182,76 +185,34 @@ def project_adam(
     (contiguous views, one buffer per subspace); ``exp_avgs``/``exp_avg_sqs`` are updated in place.
 
     See docs/kernel_contract.md and gems.reference (project, shared_gradient, adam_delta)."""
-    U.check_side(side)
-    K = len(task_grads)
+    c = contract.project_adam_args(task_grads, shared_weights, bases, exp_avgs, exp_avg_sqs, side=side, step=step,
+                                   lr=lr, beta1=beta1, beta2=beta2, eps=eps, device_rule=U.check_device,
+                                   memo=U.CHECKED)
+    K, S, T = c.K, c.S, c.T
     if K == 0:
         return []
-    grads = U.as_nested(task_grads, K, None, "task_grads")
-    T = len(grads[0])
-    if T == 0:
-        raise ValueError("task_grads[k] must hold at least one task gradient")
-    grads = U.as_nested(task_grads, K, T, "task_grads")
-    S = T + 1
-    if not isinstance(shared_weights, Sequence) or len(shared_weights) != T:
-        raise ValueError(f"shared_weights must hold one float per task ({T})")
-    weights = [U.check_float(w, f"shared_weights[{t}]") for t, w in enumerate(shared_weights)]
-    bases = U.as_nested(bases, K, S, "bases")
-    exp_avgs = U.as_nested(exp_avgs, K, S, "exp_avgs")
-    exp_avg_sqs = U.as_nested(exp_avg_sqs, K, S, "exp_avg_sqs")
+    grads, bases, exp_avgs, exp_avg_sqs = c.lists
+    weights, step_i, lr, beta1, beta2, eps = c.scalars
+    M, N, dtype, device = c.M, c.N, c.dtype, c.device
+    U.check_int32_extent(M * N, "a gradient")
+    for row in grads:
+        for t, g in enumerate(row):
+            row[t] = g.contiguous()
 
-    step_i = int(step.item()) if isinstance(step, torch.Tensor) else step
-    if isinstance(step_i, float) and step_i.is_integer():
-        step_i = int(step_i)
-    if not isinstance(step_i, int) or step_i < 1:
-        raise ValueError(f"step must be an integer >= 1 (Adam's bias correction), got {step!r}")
-    lr = U.check_float(lr, "lr")
-    beta1 = U.check_float(beta1, "beta1")
-    beta2 = U.check_float(beta2, "beta2")
-    eps = U.check_float(eps, "eps")
-    if not 0.0 <= beta1 < 1.0 or not 0.0 <= beta2 < 1.0:
-        raise ValueError(f"betas must be in [0, 1), got ({beta1}, {beta2})")
-    if eps < 0.0 or lr < 0.0:
-        raise ValueError(f"lr and eps must be >= 0, got lr={lr}, eps={eps}")
-
-    g0 = grads[0][0]
-    M, N, dtype, device = U.first_matrix(g0, "task_grads", "gradients")
-    for k in range(K):
-        for t in range(T):
-            g = grads[k][t]
-            if not isinstance(g, torch.Tensor) or tuple(g.shape) != (M, N) or g.dtype != dtype or g.device != device:
-                raise ValueError(f"task_grads[{k}][{t}]: every gradient must be {M}×{N} {dtype} on {device}, got "
-                                 f"{tuple(getattr(g, 'shape', ()))} {getattr(g, 'dtype', None)} {getattr(g, 'device', None)}")
-            grads[k][t] = g.contiguous()
-
-    D = M if side == "left" else N
+    D = R.side_dim((M, N), side)
     flat = U.flatten
     # bases and moments are the same tensors at every step between two refreshes: checked once (U.CHECKED)
-    persistent = flat(bases) + flat(exp_avgs) + flat(exp_avg_sqs)
-    memo_key = ("project_adam", side, M, N, device, K, S, id(persistent[0]))
-    checked = U.CHECKED.get(memo_key, persistent)
     writeback = []  # (original, contiguous copy) pairs for in-place outputs that were not contiguous
-    if checked is None:
-        ranks, coord = U.subspace_ranks(bases[0], S, side, M, N)
-        copied = U.check_bases(bases, D, ranks, device)
-        for k in range(K):
-            for s in range(S):
-                for name, lst in (("exp_avgs", exp_avgs), ("exp_avg_sqs", exp_avg_sqs)):
-                    x = lst[k][s]
-                    if (not isinstance(x, torch.Tensor) or tuple(x.shape) != coord[s] or x.dtype != torch.float32
-                            or x.device != device):
-                        raise ValueError(f"{name}[{k}][{s}] must be a {coord[s][0]}×{coord[s][1]} float32 tensor "
-                                         f"on {device}, got {tuple(getattr(x, 'shape', ()))} "
-                                         f"{getattr(x, 'dtype', None)}")
-                    xc, copied_x = U.contiguous_for_write(x)
-                    if copied_x:
-                        writeback.append((x, xc))
-                    lst[k][s] = xc
+    ranks, coord = c.ranks, c.coord
+    if c.known is None:
+        copied = U.contiguous_rows(bases)
+        writeback = U.contiguous_rows(exp_avgs) + U.contiguous_rows(exp_avg_sqs)
         tables = (U.ptr_table(flat(bases), device), U.ptr_table(flat(exp_avgs), device),
                   U.ptr_table(flat(exp_avg_sqs), device))
         if not copied and not writeback:  # tables of temporary copies must not outlive this call
-            U.CHECKED.put(memo_key, persistent, (ranks, coord, tables))
+            c.remember(tables)
     else:
-        ranks, coord, tables = checked
+        tables = c.known
 
     # δ: one buffer per subspace, δ_ks its k-th contiguous (row-major) slice; one unbind per subspace instead of
     # K·S slicing ops (the step is host-bound at small shapes: `python benches/bench_overhead.py`)
@@ -283,7 +244,7 @@ def project_adam(
         step_size = lr / bc1
         grid = (NT, triton.cdiv(C, block_c), K)
         _project_adam_kernel[grid](
-            g_tab, b_tab, m_tab, v_tab, o_tab, meta, w_tab, g0,
+            g_tab, b_tab, m_tab, v_tab, o_tab, meta, w_tab, grads[0][0],
             M, N, T, S, NT,
             lerp_w, beta2, 1.0 - beta2, math.sqrt(bc2), -step_size, eps,
             LEFT=side == "left", LERP_HI=lerp_w >= 0.5, DOT_PREC=U.dot_precision(dtype),

@@ -137,14 +137,17 @@ BAD_PROJECT_ADAM = [
 
 @pytest.mark.parametrize("case,mutate,kw,exc", BAD_PROJECT_ADAM, ids=[c[0] for c in BAD_PROJECT_ADAM])
 def test_project_adam_rejects_bad_input_before_cuda(case, mutate, kw, exc):
-    with pytest.raises(exc, match="CUDA tensors" if case == "cpu tensors" else None):
+    with pytest.raises(exc, match="CUDA tensors" if case == "cpu tensors" else None) as info:
         _pa(mutate(_pa_args()), **kw)
+    if case != "cpu tensors":  # caught by the operand checks, not by the device rule that runs after them
+        assert "CUDA tensors" not in str(info.value), info.value
 
 
 BAD_BACK_PROJECT = [
     ("weight int", lambda a: _mutate(a, (0, 1), lambda t: t.to(torch.int64)), {}, TypeError),
     ("weights differ in dtype", lambda a: _mutate(a, (0, 1), lambda t: t.half()), {}, ValueError),
     ("weight 1-D", lambda a: _mutate(a, (0, 0), lambda t: t.flatten()), {}, ValueError),
+    ("weights differ in shape", lambda a: _mutate(a, (0, 1), lambda t: t[:, :-1]), {}, ValueError),
     ("delta wrong shape", lambda a: _mutate(a, (3, 1, 0), lambda t: t[:-1]), {}, ValueError),
     ("delta fp16", lambda a: _mutate(a, (3, 0, 1), lambda t: t.half()), {}, TypeError),
     ("basis wrong d", lambda a: _mutate(a, (1, 0, 0), lambda t: t[:-1]), {}, ValueError),
@@ -160,8 +163,10 @@ BAD_BACK_PROJECT = [
 
 @pytest.mark.parametrize("case,mutate,kw,exc", BAD_BACK_PROJECT, ids=[c[0] for c in BAD_BACK_PROJECT])
 def test_back_project_update_rejects_bad_input_before_cuda(case, mutate, kw, exc):
-    with pytest.raises(exc, match="CUDA tensors" if case == "cpu tensors" else None):
+    with pytest.raises(exc, match="CUDA tensors" if case == "cpu tensors" else None) as info:
         _bpu(mutate(_bpu_args()), **kw)
+    if case != "cpu tensors":  # caught by the operand checks, not by the device rule that runs after them
+        assert "CUDA tensors" not in str(info.value), info.value
 
 
 def test_low_level_ops_reject_bad_input_before_cuda():
@@ -233,7 +238,7 @@ class _TorchKernels:
 def torch_kernels(monkeypatch):
     """Run cuda_backend's Python layer on CPU tensors with the torch model of the kernels."""
     monkeypatch.setattr(cb, "load", lambda: _TorchKernels)
-    monkeypatch.setattr(cb, "_device", lambda tensors, what: next((t.device for t in tensors), None))
+    monkeypatch.setattr(cb, "_require_cuda", lambda device, what: None)
     monkeypatch.setattr(cb, "_on", lambda device: contextlib.nullcontext())
     monkeypatch.setattr(cb, "_stream", lambda device: 0)
     return monkeypatch

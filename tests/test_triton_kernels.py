@@ -367,6 +367,8 @@ def test_project_adam_boundary_errors():
         gk.project_adam(grads, w, bases, m0, v0, **dict(kw, step=0))
     with pytest.raises(ValueError, match="betas"):
         gk.project_adam(grads, w, bases, m0, v0, **dict(kw, beta1=1.0))
+    with pytest.raises(ValueError, match="lr must be finite"):
+        gk.project_adam(grads, w, bases, m0, v0, **dict(kw, lr=float("nan")))
     with pytest.raises(ValueError, match="shared_weights"):
         gk.project_adam(grads, w[:1], bases, m0, v0, **kw)
     with pytest.raises(ValueError, match="float32, bfloat16 or float16"):

@@ -105,6 +105,7 @@ class GemsOptimizer(torch.optim.Optimizer):
         self._step_buffer: tuple[Tensor, list[Tensor]] = (torch.zeros(0), [])
         # the fused step's grouping (gems.fused.Plan), rebuilt after a refresh or a load (they bump the epoch)
         self._fused_plan = None
+        self._torch_plan = None  # the torch path's shape groups (gems.grouped.Plan), same epoch
         self._plan_epoch = 0
 
         # torch.optim.Optimizer plumbing (hooks, profiling) without a second set of param groups.

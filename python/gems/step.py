@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from gems import backward, collect, fused, reference, schedule
+from gems import backward, collect, fused, grouped, reference, schedule
 from gems import nullspace as nsp
 from gems.reductions import finite
 from gems.subspaces import SHARED, RefreshBatch, RefreshJob, WeightSubspaces
@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from gems.optimizer import GemsOptimizer
 
 
-@dataclass
+@dataclass(eq=False)
 class WorkItem:
     """One weight stepped this step: its task gradients in full (``projected=False``; a task without one
     has zeros), or their coordinates against [B_sh, B_t] (``projected=True``; None for an absent task)."""
@@ -81,11 +81,9 @@ def run(opt: "GemsOptimizer", per_weight: collect.PerWeight, shared_w: list[floa
         # non-targeted parameters; the fused weights' coordinates have no gradient and are skipped
         left = set(plan.leftover)
         rest += [item for item in kernels if item.w.index in left]
-        deltas = _inner_step(opt, rest, shared_w)
-        pairs = [(item.w, deltas[item.w.index]) for item in rest] + fused.write(opt, plan, gates)
+        pairs = _inner_step(opt, rest, shared_w, gates) + fused.write(opt, plan, gates)
     else:
-        deltas = _inner_step(opt, work, shared_w)
-        pairs = [(item.w, deltas[item.w.index]) for item in work]
+        pairs = _inner_step(opt, work, shared_w, gates)
     write_updates(opt, pairs, gates)
     for item in work:
         item.w.release_coords()
@@ -117,21 +115,33 @@ def _merge_late_full(opt: "GemsOptimizer", w: WeightSubspaces, grads, coords) ->
     return out
 
 
-def _inner_step(opt: "GemsOptimizer", work: list[WorkItem], shared_w: list[float]) -> dict[int, dict[str, Tensor]]:
+def _inner_step(opt: "GemsOptimizer", work: list[WorkItem], shared_w: list[float], gates: list[float]
+                ) -> list[tuple[WeightSubspaces, dict[str, Tensor]]]:
     """Generic path, any inner optimizer: coordinates get the projected gradients, the inner optimizer
-    steps, and each coordinate's new value is its update δ."""
-    # every coordinate tensor is a view of one zero-filled buffer per device (one fill, not one per tensor)
-    spans, totals = {}, {}
+    steps, and each coordinate's new value is its update δ. Torch-backend weights go through
+    gems.grouped (stacked per shape group, written there); returns (weight, δ) of the others."""
+    grouped_items, single = [], []
     for item in work:
-        dev = item.w.param.device
-        start, n = totals.get(dev, 0), item.w.coord_numel()
-        spans[item.w.index] = slice(start, start + n)
+        stacked_ok = fused.backend_for(opt, item.w) == "torch" and grouped.groupable(opt, item.w)
+        (grouped_items if stacked_ok else single).append(item)
+    groups = grouped.plan(opt, grouped_items).groups if grouped_items else []
+    # every coordinate tensor is a view of one zero-filled buffer per device (one fill, not one per tensor);
+    # a group's coordinates are one contiguous span of it
+    spans, totals = {}, {}
+    for key, dev, n in ([(("g", k), g.members[0].param.device, sum(w.coord_numel() for w in g.members))
+                         for k, g in enumerate(groups)]
+                        + [(("w", item.w.index), item.w.param.device, item.w.coord_numel()) for item in single]):
+        start = totals.get(dev, 0)
+        spans[key] = slice(start, start + n)
         totals[dev] = start + n
     storage = {d: torch.zeros(n, dtype=torch.float32, device=d) for d, n in totals.items()}
+    by_index = {item.w.index: item for item in grouped_items}
+    stacked = [grouped.set_gradients(opt, g, by_index, storage[g.members[0].param.device][spans[("g", k)]], shared_w)
+               for k, g in enumerate(groups)]
     tasks = opt.config.tasks
-    for item in work:
+    for item in single:
         w = item.w
-        w.materialize_coords(storage[w.param.device][spans[w.index]])
+        w.materialize_coords(storage[w.param.device][spans[("w", w.index)]])
         projs = item.grads if item.projected else [reference.project(g.float(), w.task_bases(t), w.side)
                                                    for t, g in zip(tasks, item.grads)]
         for s, r in combine(w, tasks, projs, shared_w).items():
@@ -142,13 +152,13 @@ def _inner_step(opt: "GemsOptimizer", work: list[WorkItem], shared_w: list[float
         for item in work:
             item.w.release_coords()
         raise
-    deltas = {}
+    for g, coords in zip(groups, stacked):
+        grouped.write(opt, g, coords, gates)
+    pairs = [(item.w, {s: item.w.coords[s].data for s in item.w.subspaces()}) for item in single]
     for item in work:
-        w = item.w
-        deltas[w.index] = {s: w.coords[s].data for s in w.subspaces()}
-        for c in w.coords.values():
+        for c in item.w.coords.values():
             c.grad = None
-    return deltas
+    return pairs
 
 
 def combine(w: WeightSubspaces, tasks, projs: list[Tensor | None], shared_w: list[float]) -> dict[str, Tensor]:

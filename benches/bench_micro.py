@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine_description, synchronize  # noqa: E402
 
 import gems  # noqa: E402
-from gems import refresh  # noqa: E402
+from gems import refresh, solvers  # noqa: E402
 
 
 def ms(fn, device="cpu", n=20) -> float:
@@ -135,7 +135,7 @@ def cpu_refresh_breakdown() -> None:
         "torch.linalg.svd": ms(lambda: torch.linalg.svd(g, full_matrices=False), n=5),
         "compute_basis subspace_iter": ms(lambda: refresh.compute_basis(g, r, "left", method="subspace_iter",
                                                                          generator=gen())),
-        "sketch A·Omega": ms(lambda: refresh._sketch(a, k, [gen()])),
+        "sketch A·Omega": ms(lambda: solvers._sketch(a, k, [gen()])),
         "QR 576x160": ms(lambda: torch.linalg.qr(y)),
         "GEMM A^T·Q": ms(lambda: a.transpose(-2, -1) @ q),
         "GEMM A·Z": ms(lambda: a @ z),
@@ -153,17 +153,17 @@ def cpu_refresh_breakdown() -> None:
         return qy[0] @ torch.linalg.svd(ry[0]).U[:, :r]
 
     def one_gemm(width=k):  # σ² weighting from one GEMM: Y = A·(AᵀΨ), Ψ a hashed sketch of A's rows
-        return extract(a @ refresh._sketch(a.transpose(-2, -1), width, [gen()]))
+        return extract(a @ solvers._sketch(a.transpose(-2, -1), width, [gen()]))
 
     def power_step():  # the engine's arithmetic without its checks: sketch, QR, two GEMMs
-        y0 = refresh._sketch(a, k, [gen()])
+        y0 = solvers._sketch(a, k, [gen()])
         return a @ (a.transpose(-2, -1) @ torch.linalg.qr(y0).Q)
 
     def qr_extraction():  # bare engine
         return extract(power_step())
 
     def lu_start():  # the start block's span from an LU factorisation, P·L, instead of its QR (≈ 0.6 ms less)
-        y0 = refresh._sketch(a, k, [gen()])[0]
+        y0 = solvers._sketch(a, k, [gen()])[0]
         lu, piv, _ = torch.linalg.lu_factor_ex(y0)
         low = lu.tril(-1) + torch.eye(*lu.shape)
         perm = list(range(low.shape[0]))
@@ -200,10 +200,10 @@ def cuda_small_svd() -> None:
 
     g = real_gradients()["L15.down_proj"][0].to(dev)
     exact = energy(g, torch.linalg.svd(g, full_matrices=False).U[:, :128], "left")
-    saved = refresh.CUDA_SMALL_SVD_DRIVER
+    saved = solvers.CUDA_SMALL_SVD_DRIVER
     try:
         for drv in (None, "gesvda"):
-            refresh.CUDA_SMALL_SVD_DRIVER = drv
+            solvers.CUDA_SMALL_SVD_DRIVER = drv
             f = lambda: refresh.compute_basis(g, 128, "left", method="subspace_iter",  # noqa: E731
                                               generator=torch.Generator().manual_seed(0))
             b = f()
@@ -211,7 +211,7 @@ def cuda_small_svd() -> None:
             print(f"compute_basis L15.down_proj r128, small SVD driver {drv or 'default'}: {ms(f, dev):.2f} ms, "
                   f"energy {energy(g, b, 'left') / exact:.4f}, orthonormal to {orth:.1e}")
     finally:
-        refresh.CUDA_SMALL_SVD_DRIVER = saved
+        solvers.CUDA_SMALL_SVD_DRIVER = saved
 
 
 def cuda_batched(batch: int = 30, dev: str = "cuda") -> None:

@@ -376,7 +376,9 @@ def test_load_errors(tmp_path):
         assert "\n" not in str(err.value)
     from safetensors.torch import save_file
 
-    meta = ns._metadata()
+    from gems.nullspace_io import metadata
+
+    meta = metadata(ns)
     save_file({"0": ns.basis("0")}, str(tmp_path / "v99.safetensors"), metadata={**meta, "format_version": "99"})
     with pytest.raises(NullSpaceFormatError, match="format version '99'"):
         NullSpace.load(tmp_path / "v99.safetensors")

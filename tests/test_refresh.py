@@ -339,10 +339,10 @@ def _conditioned(b: int, d: int, k: int, cond: float, seed: int) -> torch.Tensor
 def test_cholesky_qr_factorizes_and_falls_back(monkeypatch):
     """The CUDA orthonormalisation (CholeskyQR2, fp64 first pass), run here on CPU: Q orthonormal and
     Q·R = Y up to cond 1e6; rank-deficient and zero blocks are flagged and redone with Householder QR."""
-    from gems import refresh
+    from gems import solvers
 
     good = torch.cat([_conditioned(2, 90, 12, 10.0, 1), _conditioned(2, 90, 12, 1e6, 2)])
-    q, r, ok = refresh._cholesky_qr(good)
+    q, r, ok = solvers._cholesky_qr(good)
     assert bool(ok.all())
     for i in range(good.shape[0]):
         assert orth_error(q[i]) <= 1e-5
@@ -351,10 +351,10 @@ def test_cholesky_qr_factorizes_and_falls_back(monkeypatch):
     deficient[0, :, 5] = deficient[0, :, 0] * 3  # rank 11 of 12 up to fp32 rounding: either path may answer
     deficient[1, :, 7] = 0  # exactly rank-deficient: the Cholesky factorisation fails
     deficient[3] = 0
-    _, _, ok = refresh._cholesky_qr(deficient)
+    _, _, ok = solvers._cholesky_qr(deficient)
     assert ok.tolist()[1:] == [False, True, False]
-    monkeypatch.setattr(refresh, "_use_cholesky", lambda y: True)
-    q, r = refresh._orthonormalize(deficient)
+    monkeypatch.setattr(solvers, "_use_cholesky", lambda y: True)
+    q, r = solvers._orthonormalize(deficient)
     for i in range(deficient.shape[0]):
         assert torch.isfinite(q[i]).all() and orth_error(q[i]) <= 1e-5
         assert float((q[i] @ r[i] - deficient[i]).abs().max()) <= 1e-5 * max(float(deficient[i].abs().max()), 1.0)
@@ -365,12 +365,12 @@ def test_cholesky_qr_factorizes_and_falls_back(monkeypatch):
 def test_cholesky_path_matches_householder(monkeypatch, method, side):
     """The whole engine with CholeskyQR (the CUDA path) finds bases as good as with Householder QR, on
     decaying, flat, rank-deficient and zero matrices in one batch."""
-    from gems import refresh
+    from gems import solvers
 
     mats = [decaying(60, 90, seed=21), decaying(60, 90, seed=22, alpha=0.5), torch.zeros(60, 90),
             torch.randn(60, 3, generator=_gen(3)) @ torch.randn(3, 90, generator=_gen(4))]
     house = compute_bases(mats, 10, side, method=method, generator=_gen())
-    monkeypatch.setattr(refresh, "_use_cholesky", lambda y: True)
+    monkeypatch.setattr(solvers, "_use_cholesky", lambda y: True)
     chol = compute_bases(mats, 10, side, method=method, generator=_gen())
     assert len(house) == len(chol) == len(mats)
     for g, h, c in zip(mats, house, chol):
@@ -379,12 +379,12 @@ def test_cholesky_path_matches_householder(monkeypatch, method, side):
 
 
 def test_polish_orthonormalizes_and_keeps_leading_spans():
-    from gems import refresh
+    from gems import solvers
 
     q = torch.linalg.qr(torch.randn(3, 40, 40, generator=_gen(6), dtype=torch.float64)).Q
     noisy = (q + 3e-5 * torch.randn(q.shape, generator=_gen(7), dtype=torch.float64)).float()
     noisy[2] = float("nan")  # a failed factorisation is passed through untouched
-    out = refresh._polish(noisy)
+    out = solvers._polish(noisy)
     for i in range(2):
         assert orth_error(out[i]) <= 2e-6 < orth_error(noisy[i])
         for lead in (1, 7, 25):
@@ -429,14 +429,14 @@ def test_orthonormalize_against_many_matches_reference_up_to_signs(monkeypatch):
     """The batched orthonormalisation of task bases against shared bases (both QR paths) spans what the
     reference spans, stays orthogonal to the shared basis, has canonical column signs, and takes the
     reference's seeded completion for a vector that lies inside the shared basis."""
-    from gems import refresh
+    from gems import refresh, solvers
     from gems.reference import orthonormalize_against
 
     shared = [torch.linalg.qr(torch.randn(30, 6, generator=_gen(i))).Q for i in range(3)]
     vecs = [torch.linalg.qr(torch.randn(30, 4, generator=_gen(10 + i))).Q for i in range(3)]
     vecs[2][:, 1] = shared[2][:, 0]  # inside span(shared): must be replaced by a seeded random direction
     for chol in (False, True):
-        monkeypatch.setattr(refresh, "_use_cholesky", lambda y, chol=chol: chol)
+        monkeypatch.setattr(solvers, "_use_cholesky", lambda y, chol=chol: chol)
         got = refresh.orthonormalize_against_many(vecs, shared, [_gen(20 + i) for i in range(3)])
         for i in range(3):
             want = orthonormalize_against(vecs[i], shared[i], _gen(20 + i))
@@ -475,10 +475,10 @@ def gpu_path(monkeypatch):
     """Run the CUDA code paths of the engine on CPU: batched CholeskyQR with its Householder fallback, the
     small-SVD driver call with its retries, fallbacks and polish, fp64 checks and products (the solvers are
     LAPACK's, the logic is the CUDA one)."""
-    from gems import refresh
+    from gems import solvers
 
-    monkeypatch.setattr(refresh, "_gpu_path", lambda t: True)
-    return refresh
+    monkeypatch.setattr(solvers, "_gpu_path", lambda t: True)
+    return solvers
 
 
 @pytest.mark.parametrize("method", FAST)

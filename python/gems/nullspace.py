@@ -16,6 +16,9 @@ The pure functions at the bottom (:func:`fold_into_basis`, :func:`project_update
 protected side (``"input"``/``"weight"``/``"output"``) and, for the fold, the side of the GaLore basis
 (``"left"``: m×r, ``"right"``: n×r, as in :mod:`gems.reference`).
 
+Calibration (:meth:`NullSpace.calibrate`) is in :mod:`gems.calibration`, the file format (:meth:`NullSpace.save`,
+:meth:`NullSpace.load`) in :mod:`gems.nullspace_io`; their public names are importable from here too.
+
 Example (runs as a test)::
 
     >>> import torch
@@ -34,33 +37,26 @@ Example (runs as a test)::
 """
 from __future__ import annotations
 
-import json
 import logging
-import math
 import os
-import tempfile
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from gems.errors import GemsError, MissingResourceError
+from gems import calibration, nullspace_io
+from gems.calibration import MODES, PROTECT_SIDES, TargetFilter, resolve_targets, select_rank  # noqa: F401
+from gems.errors import GemsError
+from gems.nullspace_io import FORMAT_NAME, FORMAT_VERSION, NullSpaceFormatError  # noqa: F401
 from gems.refresh import orthonormality_errors
-from gems.targets import select_linear_modules, unwrap
+from gems.targets import unwrap
 
 logger = logging.getLogger(__name__)
 
-FORMAT_NAME = "gems.nullspace"
-FORMAT_VERSION = 1
-PROTECT_SIDES = ("input", "output", "weight")
-MODES = ("absolute", "energy", "topk")
-_SPECTRUM_PREFIX = "__spectrum__."
 # max |QᵀQ − I| accepted for a protected basis (given or loaded): fp32 eigenvectors reach ~1e-6
 ORTHONORMAL_TOL = 1e-4
-
-TargetFilter = Union[None, str, Sequence[str], Callable[[str, nn.Module], bool]]  # = gems.targets.TargetSpec
 
 __all__ = [
     "NullSpace",
@@ -76,160 +72,14 @@ __all__ = [
 ]
 
 
-class NullSpaceFormatError(GemsError, ValueError):
-    """A null-space file is not a gems null-space file, is corrupted, or has an unsupported format version."""
-
-
 class IncompatibleNullSpaceError(GemsError, ValueError):
     """A null space does not fit a model: a module is missing or its weight has another shape."""
-
-
-# --------------------------------------------------------------------------------------------------
-# threshold selection and target resolution
-# --------------------------------------------------------------------------------------------------
-
-
-def _check_mode(mode: str, threshold: float) -> None:
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if not math.isfinite(float(threshold)):
-        raise ValueError(f"threshold must be finite, got {threshold!r}")
-    if mode == "absolute" and threshold < 0:
-        raise ValueError(f"absolute threshold must be >= 0, got {threshold!r}")
-    if mode == "energy" and not 0.0 <= threshold <= 1.0:
-        raise ValueError(f"energy threshold is a fraction in [0, 1], got {threshold!r}")
-    if mode == "topk" and (threshold < 0 or float(threshold) != int(threshold)):
-        raise ValueError(f"topk threshold is a non-negative integer k, got {threshold!r}")
-
-
-def select_rank(spectrum: Tensor, threshold: float, mode: str, *, energy: Tensor | None = None) -> int:
-    """Number k of leading directions to protect, given a spectrum sorted in descending order.
-
-    - ``"absolute"``: k = #{values > threshold}.
-    - ``"energy"``: the smallest k whose leading ``energy`` values (default: ``spectrum``) hold at least
-      ``threshold`` of their sum; 0 when the sum is 0.
-    - ``"topk"``: k = int(threshold), clipped to the dimension.
-    """
-    _check_mode(mode, threshold)
-    d = int(spectrum.numel())
-    if d == 0:
-        return 0
-    if mode == "absolute":
-        return int((spectrum > threshold).sum().item())
-    if mode == "topk":
-        return min(int(threshold), d)
-    vals = (spectrum if energy is None else energy).double().clamp_min(0)
-    cum = torch.cumsum(vals, 0)
-    total = float(cum[-1])
-    if total <= 0 or threshold <= 0:
-        return 0
-    # tolerance of a few ulps of the sum so that threshold=1 on a rank-r spectrum gives r, not d
-    need = threshold * total - 4 * d * torch.finfo(torch.float64).eps * total
-    return min(int((cum < need).sum().item()) + 1, d)
-
-
-def resolve_targets(model: nn.Module, target_modules: TargetFilter = None) -> dict[str, nn.Linear]:
-    """The ``nn.Linear`` modules a filter selects, by qualified name (``named_modules`` order), with the
-    same rule :class:`gems.GemsOptimizer` uses (:func:`gems.targets.select_linear_modules`), so the same
-    ``target_modules`` selects the same weights in both; DDP-style ``.module`` wrappers are unwrapped.
-
-    ``None``: every ``nn.Linear`` except an LM head (a module named ``lm_head`` or whose weight is an
-    embedding's weight). A string or a list of strings: regular expressions searched in module names (a
-    plain substring works). A callable ``(name, module) -> bool``, called on the ``nn.Linear`` modules. A
-    filter that selects nothing raises ``ValueError`` (the authors' code silently protected nothing)."""
-    return dict(select_linear_modules(unwrap(model), target_modules))
-
-
-# --------------------------------------------------------------------------------------------------
-# calibration helpers
-# --------------------------------------------------------------------------------------------------
-
-
-def _to_device(obj: Any, device: torch.device | None) -> Any:
-    if device is None:
-        return obj
-    if isinstance(obj, Tensor):
-        return obj.to(device)
-    if isinstance(obj, Mapping):
-        return {k: _to_device(v, device) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_to_device(v, device) for v in obj)
-    return obj
-
-
-def _model_device(model: nn.Module) -> torch.device | None:
-    for p in model.parameters():
-        return p.device
-    return None
-
-
-class _CovarianceAccumulator:
-    """Streaming Σ x xᵀ and row count for one module (never holds more than one batch of activations)."""
-
-    def __init__(self, dim: int, dtype: torch.dtype):
-        self.dim = dim
-        self.dtype = dtype
-        self.gram: Tensor | None = None
-        self.count = 0
-        self.mask_mismatch = False
-
-    def add(self, x: Tensor, mask: Tensor | None) -> None:
-        if x.shape[-1] != self.dim:
-            raise RuntimeError(f"activation of width {x.shape[-1]} where {self.dim} was expected")
-        if mask is not None:
-            if tuple(mask.shape) == tuple(x.shape[:-1]):
-                x = x[mask.to(device=x.device, dtype=torch.bool)]
-            else:
-                self.mask_mismatch = True
-        rows = x.reshape(-1, self.dim).to(self.dtype)
-        if rows.shape[0] == 0:
-            return
-        if self.gram is None:
-            self.gram = torch.zeros(self.dim, self.dim, dtype=self.dtype, device=rows.device)
-        self.gram.addmm_(rows.T, rows)
-        self.count += int(rows.shape[0])
-
-
-def _eig_desc(gram: Tensor, noise_dtype: torch.dtype = torch.float64) -> tuple[Tensor, Tensor]:
-    """Eigenvalues (descending) and eigenvectors of a symmetric PSD matrix, in fp64.
-
-    Eigenvalues below the numerical-rank tolerance d·eps(noise_dtype)·λ_max (the dtype the matrix was
-    accumulated in) are set to exactly 0, so that a zero threshold does not protect rounding noise."""
-    g = gram.double()
-    g = 0.5 * (g + g.T)
-    vals, vecs = torch.linalg.eigh(g)
-    vals, vecs = vals.flip(0).clamp_min(0), vecs.flip(1)
-    if vals.numel():
-        tol = vals.numel() * torch.finfo(noise_dtype).eps * float(vals[0])
-        vals = torch.where(vals <= tol, torch.zeros_like(vals), vals)
-    return vals, vecs
 
 
 def orthonormality_error(q: Tensor) -> float:
     """max |QᵀQ − I| in fp64 (0 for a basis without columns): the one orthonormality measure, for null-space
     bases and for the subspace bases of a checkpoint alike (each with its own tolerance)."""
     return 0.0 if q.shape[1] == 0 else float(orthonormality_errors(q.unsqueeze(0))[0])
-
-
-def _basis_problem(q: Tensor) -> str | None:
-    """Why the d×k basis ``q`` cannot protect anything (non-finite, not orthonormal), or ``None``."""
-    if q.shape[1] == 0:
-        return None
-    if not bool(torch.isfinite(q).all()):
-        return "has non-finite entries (NaN or Inf)"
-    err = orthonormality_error(q)
-    if not err <= ORTHONORMAL_TOL:
-        return f"must have orthonormal columns (max |QᵀQ − I| = {err:.2e} > {ORTHONORMAL_TOL:g})"
-    return None
-
-
-def _check_finite_gram(name: str, acc: "_CovarianceAccumulator", side: str, n_batches: int) -> None:
-    # one reduction per module after streaming, not one per batch: a NaN/Inf in any batch reaches the sum
-    if not bool(torch.isfinite(acc.gram).all()):
-        raise ValueError(
-            f"null-space calibration: the {side} activations of module {name!r} were not finite (NaN or Inf) "
-            f"in at least one of the {n_batches} calibration batches ({acc.count} rows); check those batches "
-            f"and the model's weights, or use dtype=torch.float64 if finite activations overflowed the sum")
 
 
 def _status(k: int, d: int) -> str:
@@ -276,7 +126,7 @@ class NullSpace:
             if q.shape[1] > q.shape[0]:
                 raise ValueError(f"basis of {name!r} has more columns than rows: {tuple(q.shape)}")
             q = q.detach().to(torch.float32).contiguous()
-            problem = _basis_problem(q) if check else None
+            problem = self._basis_problem(q) if check else None
             if problem:
                 raise ValueError(f"basis of {name!r} {problem}")
             self._bases[name] = q
@@ -362,6 +212,18 @@ class NullSpace:
             logger.warning("null space protects every direction (the layer cannot move) for %d module(s): %s",
                            len(full), ", ".join(full))
 
+    @staticmethod  # on the class: gems.nullspace_io checks the bases it loads with it
+    def _basis_problem(q: Tensor) -> str | None:
+        """Why the d×k basis ``q`` cannot protect anything (non-finite, not orthonormal), or ``None``."""
+        if q.shape[1] == 0:
+            return None
+        if not bool(torch.isfinite(q).all()):
+            return "has non-finite entries (NaN or Inf)"
+        err = orthonormality_error(q)
+        if not err <= ORTHONORMAL_TOL:
+            return f"must have orthonormal columns (max |QᵀQ − I| = {err:.2e} > {ORTHONORMAL_TOL:g})"
+        return None
+
     # ---- calibration -----------------------------------------------------------------------------
     @classmethod
     def calibrate(
@@ -395,102 +257,8 @@ class NullSpace:
         Raises ``ValueError`` naming the module when its activations (or, for ``"weight"``, its weight)
         were not finite.
         """
-        if side not in PROTECT_SIDES:
-            raise ValueError(f"side must be one of {PROTECT_SIDES}, got {side!r}")
-        _check_mode(mode, threshold)
-        if dtype not in (torch.float32, torch.float64):
-            raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
-        if max_batches is not None and max_batches < 1:
-            raise ValueError(f"max_batches must be >= 1 or None, got {max_batches}")
-        targets = resolve_targets(model, target_modules)
-        shapes = {n: tuple(m.weight.shape) for n, m in targets.items()}
-
-        bases: dict[str, Tensor] = {}
-        spectra: dict[str, Tensor] = {}
-        samples: dict[str, int] = {}
-        if side == "weight":
-            for name, mod in targets.items():
-                w = mod.weight.detach().double()
-                if not bool(torch.isfinite(w).all()):
-                    raise ValueError(f"null-space calibration: the weight of module {name!r} is not finite "
-                                     f"(NaN or Inf)")
-                _, s, vh = torch.linalg.svd(w, full_matrices=True)  # all n right singular vectors
-                sv = torch.zeros(w.shape[1], dtype=torch.float64, device=w.device)
-                sv[: s.numel()] = s
-                vecs = vh.T
-                k = select_rank(sv, threshold, mode, energy=sv * sv)
-                bases[name] = vecs[:, :k].float().contiguous()
-                spectra[name] = sv.cpu()
-                samples[name] = 0
-        else:
-            if batches is None:
-                raise ValueError(f"side={side!r} needs calibration batches (only side='weight' is data-free)")
-            accs = {n: _CovarianceAccumulator(m.in_features if side == "input" else m.out_features, dtype)
-                    for n, m in targets.items()}
-            state: dict[str, Tensor | None] = {"mask": None}
-
-            def make_hook(acc: _CovarianceAccumulator):
-                def hook(_mod, inputs, output):
-                    x = inputs[0] if side == "input" else output
-                    if isinstance(x, (tuple, list)):
-                        x = x[0]
-                    acc.add(x.detach(), state["mask"])
-                return hook
-
-            was_training = model.training
-            device = _model_device(model)
-            handles = []
-            n_batches = 0
-            try:
-                for name, mod in targets.items():
-                    handles.append(mod.register_forward_hook(make_hook(accs[name])))
-                model.eval()
-                with torch.no_grad():
-                    for batch in batches:
-                        if max_batches is not None and n_batches >= max_batches:
-                            break
-                        batch = _to_device(batch, device)
-                        if isinstance(batch, Mapping):
-                            state["mask"] = batch.get("attention_mask")
-                            model(**batch)
-                        elif isinstance(batch, (tuple, list)):
-                            state["mask"] = None
-                            model(*batch)
-                        else:
-                            state["mask"] = None
-                            model(batch)
-                        n_batches += 1
-            finally:
-                for h in handles:
-                    h.remove()
-                state["mask"] = None
-                model.train(was_training)
-            if n_batches == 0:
-                raise ValueError("calibration got no batches: pass a non-empty iterable of batches")
-            unseen = [n for n, a in accs.items() if a.count == 0]
-            if unseen:
-                logger.warning("null-space calibration saw no activations for %d module(s) (left unprotected): %s",
-                               len(unseen), ", ".join(unseen))
-            mism = [n for n, a in accs.items() if a.mask_mismatch]
-            if mism:
-                logger.warning("attention_mask did not match the activation shape of %d module(s); all "
-                               "positions (padding included) were used for: %s", len(mism), ", ".join(mism))
-            for name, acc in accs.items():
-                if acc.count == 0 or acc.gram is None:
-                    bases[name] = torch.zeros(acc.dim, 0)
-                    spectra[name] = torch.zeros(acc.dim, dtype=torch.float64)
-                    samples[name] = 0
-                    continue
-                _check_finite_gram(name, acc, side, n_batches)
-                vals, vecs = _eig_desc(acc.gram / acc.count, dtype)
-                k = select_rank(vals, threshold, mode)
-                bases[name] = vecs[:, :k].float().contiguous()
-                spectra[name] = vals.cpu()
-                samples[name] = acc.count
-        ns = cls(bases, side=side, threshold=float(threshold), mode=mode, spectra=spectra, samples=samples,
-                 shapes=shapes, accumulate_dtype=str(dtype).replace("torch.", ""), check=False)
-        ns._warn_degenerate()
-        return ns
+        return calibration.calibrate(cls, model, batches, side=side, threshold=threshold, mode=mode,
+                                     target_modules=target_modules, dtype=dtype, max_batches=max_batches)
 
     # ---- compatibility ---------------------------------------------------------------------------
     def check_compatible(self, model: nn.Module) -> None:
@@ -517,121 +285,16 @@ class NullSpace:
                                                  f"{self.protect_side} side")
 
     # ---- persistence -----------------------------------------------------------------------------
-    def _metadata(self) -> dict[str, str]:
-        rep = self.report()
-        modules = {}
-        for name, r in rep.items():
-            entry = dict(r)
-            if name in self._shapes:
-                entry["weight_shape"] = list(self._shapes[name])
-            spec = self._spectra.get(name)
-            entry["eigenvalues"] = 0 if spec is None else int(spec.numel())
-            modules[name] = entry
-        from gems.version import __version__
-
-        return {
-            "format": FORMAT_NAME,
-            "format_version": str(FORMAT_VERSION),
-            "gems_version": str(__version__),
-            "side": self._side,
-            "mode": json.dumps(self.mode),
-            "threshold": json.dumps(self.threshold),
-            "accumulate_dtype": json.dumps(self.accumulate_dtype),
-            "modules": json.dumps(modules),
-        }
-
     def save(self, path: str | os.PathLike) -> Path:
         """Writes a safetensors file (bases keyed by module name, spectra under ``__spectrum__.<name>``,
         JSON metadata) atomically: a temporary file in the same folder, then ``os.replace``."""
-        from safetensors.torch import save as st_save
-
-        path = Path(path)
-        tensors = {name: q.detach().cpu().contiguous() for name, q in self._bases.items()}
-        for name, spec in self._spectra.items():
-            tensors[_SPECTRUM_PREFIX + name] = spec.detach().cpu().contiguous()
-        data = st_save(tensors, metadata=self._metadata())
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
-        return path
+        return nullspace_io.save(self, path)
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, device: torch.device | str = "cpu") -> "NullSpace":
         """Reads a file written by :meth:`save`. Raises :class:`gems.errors.MissingResourceError` (a
         ``FileNotFoundError``) for a missing file and :class:`NullSpaceFormatError` for anything else wrong."""
-        from safetensors.torch import load as st_load
-
-        path = Path(path)
-        if not path.is_file():
-            raise MissingResourceError(f"null-space file not found: {path}")
-        raw = path.read_bytes()
-        try:
-            tensors = st_load(raw)
-            if len(raw) < 8:
-                raise ValueError("file too short")
-            header_len = int.from_bytes(raw[:8], "little")
-            header = json.loads(raw[8:8 + header_len].decode("utf-8"))
-            meta = header.get("__metadata__") or {}
-        except Exception as exc:  # safetensors raises its own error types
-            msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise NullSpaceFormatError(f"cannot read null-space file {path}: corrupted or not safetensors "
-                                       f"({msg})") from None
-        if meta.get("format") != FORMAT_NAME:
-            raise NullSpaceFormatError(f"{path} is not a gems null-space file (metadata format="
-                                       f"{meta.get('format')!r}, expected {FORMAT_NAME!r})")
-        version = meta.get("format_version")
-        if version != str(FORMAT_VERSION):
-            raise NullSpaceFormatError(f"{path} has null-space format version {version!r}; this gems reads "
-                                       f"version {FORMAT_VERSION}")
-        try:
-            side = meta["side"]
-            mode = json.loads(meta["mode"])
-            threshold = json.loads(meta["threshold"])
-            acc_dtype = json.loads(meta.get("accumulate_dtype", "null"))
-            modules = json.loads(meta["modules"])
-        except (KeyError, ValueError) as exc:
-            raise NullSpaceFormatError(f"{path} has malformed null-space metadata ({exc})") from None
-        bases, spectra, samples, shapes = {}, {}, {}, {}
-        for name, info in modules.items():
-            q = tensors.get(name)
-            if q is None:
-                raise NullSpaceFormatError(f"{path} lists module {name!r} but holds no basis for it")
-            if q.dim() != 2 or list(q.shape) != [info.get("total_dim"), info.get("protected_dim")]:
-                raise NullSpaceFormatError(f"{path}: basis of module {name!r} has shape {tuple(q.shape)}, "
-                                           f"metadata says {info.get('total_dim')}×{info.get('protected_dim')}")
-            if q.dtype != torch.float32:  # save() always writes fp32
-                raise NullSpaceFormatError(f"{path}: basis of module {name!r} is {q.dtype}, expected torch.float32")
-            problem = _basis_problem(q)
-            if problem:
-                raise NullSpaceFormatError(f"{path}: basis of module {name!r} {problem}; the file is corrupted "
-                                           f"or was edited")
-            bases[name] = q.to(device)
-            spec = tensors.get(_SPECTRUM_PREFIX + name)
-            if spec is not None:
-                n_eig = info.get("eigenvalues", spec.numel())
-                if spec.dim() != 1 or not spec.is_floating_point() or spec.numel() != n_eig:
-                    raise NullSpaceFormatError(f"{path}: spectrum of module {name!r} is a {spec.dtype} tensor of "
-                                               f"shape {tuple(spec.shape)}, metadata says {n_eig} eigenvalues")
-                spectra[name] = spec
-            samples[name] = int(info.get("samples", 0))
-            if "weight_shape" in info:
-                shapes[name] = info["weight_shape"]
-        try:
-            return cls(bases, side=side, threshold=threshold, mode=mode, spectra=spectra, samples=samples,
-                       shapes=shapes, accumulate_dtype=acc_dtype, check=False)
-        except ValueError as exc:
-            raise NullSpaceFormatError(f"{path}: {exc}") from None
+        return nullspace_io.load(cls, path, device=device)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ negligible and the wall time is the overhead itself.
     python benches/bench_overhead.py --device cuda --backends torch triton cuda
     python benches/bench_overhead.py --backends triton --stub-kernels   # CPU: the Triton path's host time, its
                                                           # two kernels replaced by no-ops (results are wrong)
+    python benches/bench_overhead.py --backends torch torch-batched   # + the torch path's GPU form, counted on CPU
 
 With a kernel backend the table adds ``gems-recheck``: the same step with the launchers' per-operand checks
 redone at every call (their memo, ``gems_kernels._utils.CHECKED``, turned off), side by side.
@@ -92,6 +93,14 @@ def build(method: str, model: torch.nn.Module, backend: str):
 
 
 def measure(method: str, backend: str, args) -> dict:
+    if backend == "torch-batched":  # the torch path as it runs on a GPU (gems.grouped.BATCHED), counted here
+        from gems import grouped
+
+        saved, grouped.BATCHED = grouped.BATCHED, grouped.BATCHED | {torch.device(args.device).type}
+        try:
+            return measure(method, "torch", args) | {"backend": backend}
+        finally:
+            grouped.BATCHED = saved
     if method == "gems-recheck":  # kernel launchers check every operand at every call (no U.CHECKED memo)
         from gems_kernels import _utils as U
 
@@ -164,7 +173,9 @@ def stub_triton_kernels() -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--backends", nargs="+", default=["torch"], help="GEMS backends (torch triton cuda)")
+    ap.add_argument("--backends", nargs="+", default=["torch"],
+                    help="GEMS backends (torch triton cuda; torch-batched: the torch path with the stacked "
+                         "projections and writes it takes on a GPU, gems.grouped.BATCHED)")
     ap.add_argument("--layers", type=int, default=30)
     ap.add_argument("--hidden", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=7)

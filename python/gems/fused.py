@@ -46,6 +46,13 @@ def placeholder(opt: "GemsOptimizer", shape: tuple[int, ...], device: torch.devi
     return opt._placeholders[key]
 
 
+def coefficients(opt: "GemsOptimizer", gates: list[float]) -> list[float]:
+    """c_s in the contract's subspace order (shared, then every task): gems.step.coefficients for a weight
+    that has all subspaces (the kernels keep rank-0 ones in place)."""
+    scale = opt.config.scale
+    return [scale] + [scale * g for g in gates]
+
+
 def kernel_bases(opt: "GemsOptimizer", w: WeightSubspaces) -> list[Tensor]:
     """Bases of all S subspaces in contract order; a rank-0 task gets a d×0 basis."""
     return [w.work_bases[s] if w.ranks[s] else
@@ -77,6 +84,7 @@ class Plan:
     groups: list[_Group]
     leftover: list[int]  # indices of weights whose subspaces' step counts disagree: the generic path
     counters: list[dict[str, Any]]  # the inner states the launches step (their "step" entries advance)
+    moments: list[tuple[Tensor, Tensor]] = field(default_factory=list)  # each counter's (exp_avg, exp_avg_sq)
     expected: Tensor | None = None  # the step-counter buffer as this plan left it
 
 
@@ -86,13 +94,16 @@ def _signature(opt: "GemsOptimizer", work: list["WorkItem"]) -> tuple:
 
 
 def _still_valid(opt: "GemsOptimizer", plan: Plan | None, work: list["WorkItem"]) -> bool:
-    """The plan fits this step: same weights, no refresh or load since, and every step counter is still the
-    buffer's view with the value the last step left (a counter replaced or set by hand, as torch.optim allows,
-    rebuilds the plan, which reads the counts again)."""
+    """The plan fits this step: same weights, no refresh or load since, every step counter still the buffer's
+    view with the value the last step left, and every moment the state's own (a counter or moment replaced or
+    set by hand, as torch.optim allows, rebuilds the plan, which reads the state again)."""
     if plan is None or plan.expected is None or plan.signature != _signature(opt, work):
         return False
     buf, views = opt._step_buffer
     if len(views) != len(plan.counters) or any(st["step"] is not v for st, v in zip(plan.counters, views)):
+        return False
+    # a moment replaced by hand (opt.inner.state[c]["exp_avg"] = ...) is the one to step, as in torch.optim
+    if any(st["exp_avg"] is not m or st["exp_avg_sq"] is not v for st, (m, v) in zip(plan.counters, plan.moments)):
         return False
     return torch.equal(buf, plan.expected)
 
@@ -138,7 +149,8 @@ def _build_plan(opt: "GemsOptimizer", work: list["WorkItem"]) -> Plan:
         g.decay.append(decay_basis(opt, w))
         g.per_weight_write |= w.delta_projector is not None
         counters += counted
-    return Plan(_signature(opt, work), list(keyed.values()), leftover, counters)
+    return Plan(_signature(opt, work), list(keyed.values()), leftover, counters,
+                [(st["exp_avg"], st["exp_avg_sq"]) for st in counters])
 
 
 def project_adam(opt: "GemsOptimizer", work: list["WorkItem"], shared_w: list[float]) -> Plan:
@@ -172,8 +184,7 @@ def write(opt: "GemsOptimizer", plan: Plan, gates: list[float]) -> list[tuple[We
     Returns the (weight, δ) of the groups that need the per-weight write (gems.step.write_updates): a δ
     projected first (null space on the non-basis side), or update statistics being recorded."""
     names = opt.config.subspace_names
-    scale = opt.config.scale
-    coeffs = [scale] + [scale * g for g in gates]
+    coeffs = coefficients(opt, gates)
     mod = backend_module(opt.backend)
     per_weight = []
     for g in plan.groups:
@@ -202,12 +213,12 @@ class WriteBatches:
 
     def launch(self, opt: "GemsOptimizer", gates: list[float]) -> None:
         names = opt.config.subspace_names
-        scale = opt.config.scale
+        coeffs = coefficients(opt, gates)
         for (backend, *_), members in self.batches.items():
             w0 = members[0][0]
             backend_module(backend).back_project_update(
                 [w.param for w, _, _ in members], [kernel_bases(opt, w) for w, _, _ in members],
-                [scale] + [scale * g for g in gates],
+                coeffs,
                 [[ds[s] if s in ds else torch.zeros(w.coord_shape(s), device=w.param.device) for s in names]
                  for w, ds, _ in members],
                 side=w0.side, lr=float(w0.group["lr"]), weight_decay=float(w0.group.get("weight_decay", 0.0)),

@@ -8,7 +8,8 @@ one, and the write W ← (1 − lr·wd)·W + B·δ one GEMM per weight (CPU: in 
 two multi-tensor ops per group (GPU: launches are what costs there). The inner optimizer still sees one
 coordinate tensor per subspace (views of the group's storage), so any inner optimizer works unchanged.
 
-Used for the torch backend when a weight's δ needs no per-weight treatment (no null-space projection of δ, no
+A kernel backend's groups (stash="projected", or an inner optimizer the fused kernels do not cover) share the
+stacked combine and keep the kernel back-projection for the write. Used when a weight's δ needs no per-weight treatment (no null-space projection of δ, no
 update statistics); gems.step's per-weight path is the readable version it is tested against
 (tests/test_grouped_step.py) and both are tested against gems.reference."""
 from __future__ import annotations
@@ -19,17 +20,18 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from gems import fused, reference
 from gems import nullspace as nsp
-from gems import reference
 from gems.subspaces import SHARED, WeightSubspaces
 
 if TYPE_CHECKING:
     from gems.optimizer import GemsOptimizer
     from gems.step import WorkItem
 
-# device types on which the write is one bmm + two multi-tensor ops per group instead of one in-place GEMM
-# per weight (the bmm needs a (G, m, n) temporary; on a CPU the per-weight addmm_ is as fast and needs none)
-BATCHED_WRITE = {"cuda"}
+# device types on which a group's projection is one stack + bmm per task and subspace, and its write one bmm +
+# two multi-tensor ops, instead of GEMMs per weight: launches are what costs on a GPU. Both need (G, m, n)
+# temporaries; on a CPU the per-weight GEMMs (the write in place, addmm_) are as fast and need none.
+BATCHED = {"cuda"}
 
 
 @dataclass
@@ -38,7 +40,7 @@ class Group:
     side: str
     subs: list[str]                  # subspaces with a positive rank, in order (shared first)
     spans: dict[str, tuple[int, int]]  # subspace → its [start, stop) along the rank dimension
-    bases: Tensor                    # (G, d, R): every member's work bases side by side
+    bases: Tensor | None             # (G, d, R): every member's work bases side by side (None: kernel write)
 
     @property
     def rank_dim(self) -> int:
@@ -50,7 +52,7 @@ class Group:
 
     def coord_shape(self) -> tuple[int, int, int]:
         m, n = self.members[0].param.shape
-        r = self.bases.shape[2]
+        r = self.spans[self.subs[-1]][1]
         return (len(self.members), r, n) if self.side == "left" else (len(self.members), m, r)
 
 
@@ -86,6 +88,10 @@ def plan(opt: "GemsOptimizer", work: list["WorkItem"]) -> Plan:
         for s in subs:
             spans[s] = (start, start + w0.ranks[s])
             start += w0.ranks[s]
+        if fused.backend_for(opt, w0) != "torch":
+            # a kernel backend writes the group (its contract takes each weight's own contiguous bases)
+            groups.append(Group(members, w0.side, subs, spans, None))
+            continue
         bases = torch.stack([torch.cat([w.work_bases[s] for s in subs], dim=1) for w in members])
         for g, w in enumerate(members):  # the weights' bases become views of the stack: held once
             for s in subs:
@@ -109,14 +115,21 @@ def set_gradients(opt: "GemsOptimizer", group: Group, items: dict[int, "WorkItem
     r_sh = group.spans[SHARED][1]
     shared = group.part(grads, 0, r_sh)
     first = True
+    batched = (group.bases is not None and group.members[0].param.device.type in BATCHED
+               and not any(items[w.index].projected for w in group.members))
     for i, (t, wt) in enumerate(zip(tasks, shared_w)):
-        per = [_task_coords(opt, w, t, items[w.index], i) for w in group.members]
-        if all(p is None for p in per):
-            if t in group.spans:
-                group.part(grads, *group.spans[t]).zero_()
-            continue
-        full_rank = r_sh + (group.members[0].ranks[t])
-        stacked = torch.stack([p if p is not None else _zeros(group, full_rank) for p in per])
+        full_rank = r_sh + group.members[0].ranks[t]
+        if batched:  # every member's [B_sh, B_t]ᵀ·G_t (or G_t·[B_sh, B_t]) from the stacked bases
+            gs = torch.stack([items[w.index].grads[i] for w in group.members]).float()
+            spans = [(0, r_sh)] + ([group.spans[t]] if t in group.spans else [])
+            stacked = torch.cat([_project(group, gs, a, b) for a, b in spans], dim=group.rank_dim)
+        else:
+            per = [_task_coords(opt, w, t, items[w.index], i) for w in group.members]
+            if all(p is None for p in per):
+                if t in group.spans:
+                    group.part(grads, *group.spans[t]).zero_()
+                continue
+            stacked = torch.stack([p if p is not None else _zeros(group, full_rank) for p in per])
         if first:
             shared.copy_(group.part(stacked, 0, r_sh) * wt if len(tasks) > 1 else group.part(stacked, 0, r_sh))
             first = False
@@ -132,6 +145,12 @@ def set_gradients(opt: "GemsOptimizer", group: Group, items: dict[int, "WorkItem
             w.coords[s].data = group.part(coords[g:g + 1], a, b)[0]
             w.coords[s].grad = group.part(grads[g:g + 1], a, b)[0]
     return coords
+
+
+def _project(group: Group, gs: Tensor, a: int, b: int) -> Tensor:
+    """Columns [a, b) of every member's basis applied to the stacked gradients (G, m, n), as reference.project."""
+    basis = group.bases[:, :, a:b]
+    return torch.bmm(basis.transpose(1, 2), gs) if group.side == "left" else torch.bmm(gs, basis)
 
 
 def _task_coords(opt: "GemsOptimizer", w: WeightSubspaces, task: str, item: "WorkItem", i: int) -> Tensor | None:
@@ -151,6 +170,14 @@ def write(opt: "GemsOptimizer", group: Group, coords: Tensor, gates: list[float]
     from gems.step import coefficients, decay_basis
 
     w0 = group.members[0]
+    if group.bases is None:
+        # the kernels take contiguous δ: one copy per subspace for the group, not one per weight and subspace
+        per_sub = {s: group.part(coords, *group.spans[s]).contiguous().unbind(0) for s in group.subs}
+        batch = fused.WriteBatches()
+        for g, w in enumerate(group.members):
+            batch.add(fused.backend_for(opt, w), w, {s: per_sub[s][g] for s in group.subs}, decay_basis(opt, w))
+        batch.launch(opt, gates)
+        return
     coeffs = coefficients(opt, w0, gates)  # the same for every member (same subspaces)
     scale = torch.tensor([c for s, c in zip(group.subs, coeffs) for _ in range(group.spans[s][1] - group.spans[s][0])],
                          dtype=coords.dtype, device=coords.device)
@@ -160,7 +187,7 @@ def write(opt: "GemsOptimizer", group: Group, coords: Tensor, gates: list[float]
     decay = [decay_basis(opt, w) for w in group.members]
     simple = w0.param.dtype == torch.float32 and (all(d is None for d in decay) or wd == 0 or lr == 0)
     params = [w.param for w in group.members]
-    if simple and w0.param.device.type in BATCHED_WRITE:
+    if simple and w0.param.device.type in BATCHED:
         update = torch.bmm(group.bases, coords) if group.side == "left" else torch.bmm(coords, group.bases.transpose(1, 2))
         if beta != 1.0:
             torch._foreach_mul_(params, beta)

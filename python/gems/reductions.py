@@ -67,8 +67,11 @@ def read_scalars(values: list[Tensor]) -> list[float]:
     out: list[float] = [0.0] * len(values)
     for idx in indices_by(v.device for v in values).values():
         by_dtype = [[idx[j] for j in js] for js in indices_by(values[i].dtype for i in idx).values()]
-        # one stack and one cast per dtype, one transfer per device (not one cast per value)
-        flat = torch.cat([torch.stack([values[i] for i in ids]).double() for ids in by_dtype])
+        # one stack per dtype (and then one cast each, to concatenate them), one transfer per device
+        if len(by_dtype) == 1:
+            flat = torch.stack([values[i] for i in by_dtype[0]])
+        else:
+            flat = torch.cat([torch.stack([values[i] for i in ids]).double() for ids in by_dtype])
         for i, x in zip((i for ids in by_dtype for i in ids), flat.tolist()):
             out[i] = x
     return out

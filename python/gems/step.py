@@ -118,12 +118,12 @@ def _merge_late_full(opt: "GemsOptimizer", w: WeightSubspaces, grads, coords) ->
 def _inner_step(opt: "GemsOptimizer", work: list[WorkItem], shared_w: list[float], gates: list[float]
                 ) -> list[tuple[WeightSubspaces, dict[str, Tensor]]]:
     """Generic path, any inner optimizer: coordinates get the projected gradients, the inner optimizer
-    steps, and each coordinate's new value is its update δ. Torch-backend weights go through
-    gems.grouped (stacked per shape group, written there); returns (weight, δ) of the others."""
+    steps, and each coordinate's new value is its update δ. Weights whose δ needs no per-weight
+    treatment go through gems.grouped (stacked per shape group and written there, by torch or by the kernel
+    backend's back-projection); returns (weight, δ) of the others."""
     grouped_items, single = [], []
     for item in work:
-        stacked_ok = fused.backend_for(opt, item.w) == "torch" and grouped.groupable(opt, item.w)
-        (grouped_items if stacked_ok else single).append(item)
+        (grouped_items if grouped.groupable(opt, item.w) else single).append(item)
     groups = grouped.plan(opt, grouped_items).groups if grouped_items else []
     # every coordinate tensor is a view of one zero-filled buffer per device (one fill, not one per tensor);
     # a group's coordinates are one contiguous span of it
@@ -184,8 +184,8 @@ def combine(w: WeightSubspaces, tasks, projs: list[Tensor | None], shared_w: lis
 
 def coefficients(opt: "GemsOptimizer", w: WeightSubspaces, gates: list[float]) -> list[float]:
     """c_s per subspace of ``w``: scale on the shared one, scale × the task's gate on each task's."""
-    cfg = opt.config
-    return [cfg.scale if s == SHARED else cfg.scale * gates[cfg.tasks.index(s)] for s in w.subspaces()]
+    by_name = dict(zip(opt.config.subspace_names, fused.coefficients(opt, gates)))
+    return [by_name[s] for s in w.subspaces()]
 
 
 def decay_basis(opt: "GemsOptimizer", w: WeightSubspaces) -> Tensor | None:

@@ -68,18 +68,20 @@ def collate(rows):
 
 
 def make_trainer(tmp_path, *, steps=12, bs=8, ga=1, seed=0, save_steps=None, max_grad_norm=0.0,
-                 log_diagnostics=False, model=None, logging_steps=4, gems_kwargs=None, one_backward=True):
+                 log_diagnostics=False, model=None, logging_steps=4, gems_kwargs=None, one_backward=True, args_kw=None,
+                 base_gems_kwargs=None):
     args = TrainingArguments(
         output_dir=str(tmp_path), max_steps=steps, per_device_train_batch_size=bs, gradient_accumulation_steps=ga,
         learning_rate=3e-3, weight_decay=0.01, lr_scheduler_type="cosine", warmup_steps=2, optim="adamw_torch",
         logging_steps=logging_steps, save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500,
         report_to=[], seed=seed, data_seed=seed, use_cpu=True, max_grad_norm=max_grad_norm,
-        dataloader_num_workers=0, disable_tqdm=True,
+        dataloader_num_workers=0, disable_tqdm=True, **(args_kw or {}),
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return GemsTrainer(model=model or tiny_model(seed), args=args, train_dataset=TinyTasks(), data_collator=collate,
-                           tasks=TASKS, gems_kwargs=dict(rank=4, task_rank=2, update_proj_gap=5, **(gems_kwargs or {})),
+                           tasks=TASKS, gems_kwargs=dict(base_gems_kwargs if base_gems_kwargs is not None else
+                                                         dict(rank=4, task_rank=2, update_proj_gap=5), **(gems_kwargs or {})),
                            log_diagnostics=log_diagnostics, one_backward=one_backward)
 
 
@@ -263,3 +265,43 @@ def test_needs_task_column(tmp_path):
     bad["task"] = ["nope"]
     with pytest.raises(ValueError, match="unknown task"):
         trainer.training_step(trainer.model, bad)
+
+
+def _targeted(trainer):
+    opt = trainer.create_optimizer()
+    return opt, sorted(w.name.removesuffix(".weight") for w in opt.subspaces)
+
+
+def test_training_arguments_conventions(tmp_path, caplog):
+    """optim_target_modules and optim_args as transformers' GaLore reads them: a list matches names equal to,
+    containing or fully matching an entry, a string is a full-name regex, "all-linear" is gems' default; the
+    GEMS options of optim_args are typed; other keys are left to transformers, with a log line."""
+    args_kw = dict(optim_target_modules=["q_proj", r"model\.layers\.1\.mlp\.down_proj"],
+                   optim_args="rank=4, task_rank=2,update_proj_gap=3,scale=0.5,warm_start=true,adaptive_refresh=None,"
+                              "momentum=0.9")
+    with caplog.at_level("WARNING", logger="gems.integrations.transformers"):
+        opt, names = _targeted(make_trainer(tmp_path, args_kw=args_kw, base_gems_kwargs={}))
+    assert names == ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj", "model.layers.1.self_attn.q_proj"]
+    cfg = opt.config
+    assert (cfg.rank, cfg.task_rank, cfg.update_proj_gap, cfg.scale, cfg.warm_start, cfg.adaptive_refresh) == \
+        (4, 2, 3, 0.5, True, None)
+    assert "momentum" in caplog.text and "not GEMS options" in caplog.text
+    _, names = _targeted(make_trainer(tmp_path, args_kw=dict(optim_target_modules=r".*\.mlp\..*_proj")))
+    assert len(names) == 6 and all(".mlp." in n for n in names)
+    _, default = _targeted(make_trainer(tmp_path))
+    _, all_linear = _targeted(make_trainer(tmp_path, args_kw=dict(optim_target_modules="all-linear")))
+    assert all_linear == default and len(default) == 14 and not any("lm_head" in n for n in default)
+
+
+@pytest.mark.parametrize("args_kw, gems_kwargs, match", [
+    (dict(optim_args="rank=four"), {}, "rank='four' is not a valid int"),
+    (dict(optim_args="warm_start=maybe"), {}, "warm_start='maybe' is not a valid bool"),
+    (dict(optim_args="rank"), {}, "'key=value' pairs"),
+    (dict(optim_args="rank=8"), {}, "rank is 4 in gems_kwargs and 8 in optim_args"),
+    (dict(optim_target_modules=["q_proj"]), dict(target_modules=["k_proj"]), "give it once"),
+    # a string is a regex over the whole name: "q_proj" alone names no module (a list entry would)
+    (dict(optim_target_modules="q_proj"), {}, "matches no nn.Linear"),
+])
+def test_training_arguments_conventions_errors(tmp_path, args_kw, gems_kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        make_trainer(tmp_path, args_kw=args_kw, gems_kwargs=gems_kwargs).create_optimizer()

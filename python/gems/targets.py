@@ -33,10 +33,13 @@ def _matcher(spec: TargetSpec) -> Callable[[str, nn.Module], bool]:
 def select_linear_modules(model: nn.Module, spec: TargetSpec = None) -> list[tuple[str, nn.Linear]]:
     """(name, module) of the target nn.Linear layers, in ``named_modules`` order.
 
-    ``spec`` None: every nn.Linear except an LM head (named ``lm_head`` or tied to an input embedding).
+    ``spec`` None or ``"all-linear"``: every nn.Linear except an LM head (named ``lm_head`` or tied to an input
+    embedding).
     A string or list of strings: regular expressions searched in module names. A callable: (name, module)
     -> bool. A spec that matches no Linear raises, since silently training nothing is the worst outcome."""
     model = unwrap(model)
+    if isinstance(spec, str) and spec.replace("_", "-") == "all-linear":  # PEFT's name for the default
+        spec = None
     embedding_weights = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     if spec is None:

@@ -49,20 +49,94 @@ What it overrides and why
 """
 from __future__ import annotations
 
+import dataclasses
+import logging
 import math
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from gems.config import GemsConfig
 from gems.optimizer import GemsOptimizer
 from gems.resources import require
 from gems.split_backward import row_losses, row_nll
 
 Trainer = require("transformers", "gems.integrations.transformers (GemsTrainer)").Trainer
 
-__all__ = ["GemsTrainer", "row_losses", "task_losses"]
+__all__ = ["GemsTrainer", "gems_options_from_args", "row_losses", "task_losses"]
+
+logger = logging.getLogger(__name__)
+
+# GemsConfig options whose value is not its default's type (None by default)
+_NULLABLE = {"task_rank": int, "adaptive_refresh": float, "backend": str}
+_BOOLS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+
+
+def _option_value(key: str, text: str) -> Any:
+    """``text`` (from an ``optim_args`` string) as the type of GemsConfig option ``key``."""
+    default = {f.name: f.default for f in dataclasses.fields(GemsConfig)}[key]
+    kind = _NULLABLE.get(key, type(default))
+    if key in _NULLABLE and text.lower() == "none":
+        return None
+    try:
+        if kind is bool:
+            return _BOOLS[text.lower()]
+        return kind(text)
+    except (KeyError, ValueError):
+        raise ValueError(f"optim_args: {key}={text!r} is not a valid {kind.__name__}") from None
+
+
+def _hf_target_matcher(spec: str | Sequence[str]):
+    """transformers' meaning of ``optim_target_modules`` (as for its GaLore/APOLLO optimizers): a string is a
+    regex the whole module name must match; a list matches a name equal to an entry, containing one, or fully
+    matching one as a regex."""
+    if isinstance(spec, str):
+        return lambda name, module: re.fullmatch(spec, name) is not None
+    entries = list(spec)
+    return lambda name, module: any(e == name or e in name or re.fullmatch(e, name) is not None for e in entries)
+
+
+def gems_options_from_args(args: Any, gems_kwargs: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """``gems_kwargs`` completed from the ``TrainingArguments`` conventions of transformers' low-rank optimizers:
+    ``optim_target_modules`` (a list of names, a regex, or ``"all-linear"``) gives ``target_modules``, and the
+    GEMS options in ``optim_args`` (``"rank=64,task_rank=32,update_proj_gap=200,scale=0.25"``) give keyword
+    options. ``"all-linear"`` means gems' default, every ``nn.Linear`` but the LM head (as in PEFT; a tied head
+    is the embedding). An option given both ways must agree; ``optim_args`` keys that are not GEMS options are
+    left to transformers' optimizer setup (logged)."""
+    out = dict(gems_kwargs or {})
+    target = getattr(args, "optim_target_modules", None)
+    if target is not None:
+        if not isinstance(target, (str, list, tuple)) or not target:
+            raise ValueError(f"optim_target_modules must be a list of names, a regex or 'all-linear', got {target!r}")
+        if "target_modules" in out:
+            raise ValueError("target_modules is set in gems_kwargs and as TrainingArguments.optim_target_modules: "
+                             "give it once")
+        all_linear = isinstance(target, str) and target.replace("_", "-") == "all-linear"
+        out["target_modules"] = None if all_linear else _hf_target_matcher(target)
+    text = getattr(args, "optim_args", None) or ""
+    options = {f.name for f in dataclasses.fields(GemsConfig)} - {"tasks", "gating"}
+    others = []
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        key, sep, value = item.partition("=")
+        key, value = key.strip(), value.strip()
+        if not sep or not key or not value:
+            raise ValueError(f"optim_args must be 'key=value' pairs separated by commas, got {item!r} in {text!r}")
+        if key not in options:
+            others.append(key)
+            continue
+        parsed = _option_value(key, value)
+        if key in out and out[key] != parsed:
+            raise ValueError(f"{key} is {out[key]!r} in gems_kwargs and {parsed!r} in optim_args: give it once")
+        out[key] = parsed
+    if others:
+        logger.warning("optim_args %s are not GEMS options; they are left to transformers' optimizer setup "
+                       "(which ignores them for AdamW). GEMS options: %s", others, ", ".join(sorted(options)))
+    return out
 
 
 def _task_index(value: Any, tasks: Sequence[str], n: int) -> Tensor:
@@ -119,7 +193,9 @@ class GemsTrainer(Trainer):
     * ``tasks``: task names (order = the ids a task column may hold); required.
     * ``task_column``: batch key with each row's task (names or ids); default ``"task"``.
     * ``gems_kwargs``: options of :class:`gems.GemsOptimizer` (rank, task_rank, update_proj_gap, scale,
-      gating, nullspace, ...); ``model`` and ``tasks`` are filled in.
+      gating, nullspace, ...); ``model`` and ``tasks`` are filled in. ``TrainingArguments.optim_target_modules``
+      and the GEMS options in ``optim_args`` are read too, as transformers' GaLore reads them
+      (:func:`gems_options_from_args`).
     * ``inner_optimizer``: an optimizer instance over the model's parameters to wrap instead of the one
       ``args.optim`` would build (``optimizers=(inner, scheduler)`` works too).
     * ``log_diagnostics`` / ``diagnostics``: see the module docstring.
@@ -160,12 +236,13 @@ class GemsTrainer(Trainer):
 
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
         opt_model = self.model if model is None else model
+        # checked before transformers reads optim_args for the inner optimizer (its errors say less)
+        kwargs = gems_options_from_args(self.args, self.gems_kwargs)
         if self.optimizer is None and self.inner_optimizer is not None:
             self.optimizer = self.inner_optimizer
         if self.optimizer is None:
             super().create_optimizer(model)
         if not isinstance(self.optimizer, GemsOptimizer):
-            kwargs = dict(self.gems_kwargs)
             if "stash" not in kwargs and self.args.gradient_accumulation_steps > 1:
                 # projected coordinates estimate ‖G_t‖ across micro-batches (gates, clipping): keep accumulation
                 # exact unless the user asks for the projected stash

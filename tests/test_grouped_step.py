@@ -22,7 +22,7 @@ def _model(dtype=torch.float32):
     return nn.Sequential(*layers[:-1]).to(dtype)
 
 
-def _train(monkeypatch, *, per_weight=False, batched_write=False, steps=7, dtype=torch.float32, **kw):
+def _build(monkeypatch, *, per_weight=False, batched_write=False, dtype=torch.float32, **kw):
     if per_weight:
         monkeypatch.setattr(grouped, "groupable", lambda opt, w: False)
     if batched_write:
@@ -31,17 +31,31 @@ def _train(monkeypatch, *, per_weight=False, batched_write=False, steps=7, dtype
     inner = torch.optim.AdamW(model.parameters(), lr=2e-2, weight_decay=0.1)
     opt = gems.GemsOptimizer(inner, model=model, tasks=list(TASKS), rank=kw.pop("rank", 4),
                              task_rank=kw.pop("task_rank", 2), update_proj_gap=kw.pop("gap", 100), backend="torch", refresh="svd", **kw)
+    return model, opt
+
+
+def _data(steps=8):
     gen = torch.Generator().manual_seed(1)
-    for i in range(steps):
-        # 16 rows: full-rank task gradients. With fewer, some coordinates' gradients are rounding noise, which
-        # Adam scales to O(lr) steps of either sign, and the paths' different GEMM orders would differ by 1e-4
-        xs = {t: torch.randn(16, 12, generator=gen).to(dtype) for t in TASKS}
+    # 16 rows: full-rank task gradients. With fewer, some coordinates' gradients are rounding noise, which
+    # Adam scales to O(lr) steps of either sign, and the paths' different GEMM orders would differ by 1e-4
+    return [{t: torch.randn(16, 12, generator=gen) for t in TASKS} for _ in range(steps)]
+
+
+def _steps(model, opt, steps, dtype=torch.float32):
+    data = _data()  # step i's data whatever ran before (the resume test replays steps)
+    for i in steps:
+        xs = {t: x.to(dtype) for t, x in data[i].items()}
         losses = {t: (model(xs[t]).float() - k).pow(2).mean() for k, t in enumerate(TASKS)}
         counts = {"a": 3, "b": 0 if i == 4 else 7, "c": 12}  # task b absent from step 4
         opt.backward({t: losses[t] for t in TASKS if counts[t]} | {t: losses[t] * 0 for t in TASKS if not counts[t]},
                      num_samples=counts)
         opt.step()
         opt.zero_grad()
+
+
+def _train(monkeypatch, *, steps=7, dtype=torch.float32, **kw):
+    model, opt = _build(monkeypatch, dtype=dtype, **kw)
+    _steps(model, opt, range(steps), dtype)
     return opt, [p.detach().float().clone() for p in model.parameters()]
 
 
@@ -83,3 +97,21 @@ def test_grouped_bases_are_held_once(monkeypatch):
     for w, v in zip(opt.subspaces, opt2.subspaces):
         for s in w.subspaces():
             assert torch.equal(w.bases[s], v.bases[s])
+
+
+def test_a_load_into_a_stepped_optimizer_rebuilds_the_groups(monkeypatch):
+    """Loading a checkpoint into an optimizer whose groups exist (the stacked bases of the current state)
+    must rebuild them: stepping on would otherwise project onto the bases the load replaced."""
+    import copy
+
+    model, opt = _build(monkeypatch, gap=3)
+    _steps(model, opt, range(4))
+    saved = copy.deepcopy((model.state_dict(), opt.state_dict()))
+    _steps(model, opt, range(4, 7))                       # refreshed at step 6: the groups hold other bases
+    first = [p.detach().clone() for p in model.parameters()]
+    model.load_state_dict(saved[0])
+    opt.load_state_dict(saved[1])
+    _steps(model, opt, range(4, 7))
+    for a, b in zip(model.parameters(), first):
+        torch.testing.assert_close(a.detach(), b, atol=1e-6, rtol=1e-5)
+

@@ -876,11 +876,12 @@ def test_fused_step_counters_through_a_skip_and_a_resume():
 
 
 @pytest.mark.filterwarnings("ignore:GEMS ranks clamped")
-@pytest.mark.parametrize("case", ["reset", "counters-disagree", "moments-replaced"])
+@pytest.mark.parametrize("case", ["reset", "counters-disagree", "counters-edited", "moments-replaced"])
 def test_fused_bias_correction_follows_the_inner_state(case):
     """The fused kernels take Adam's step count and moments from the inner state, like torch.optim: with
     state_transfer="reset" the state (and its count) restarts at every refresh while the weight's own step
-    does not; a weight whose subspaces' counters disagree is stepped by the generic path; a moment replaced
+    does not; a weight whose subspaces' counters disagree (a counter replaced, or edited in place: the plan
+    holds the counters as views of one buffer) is stepped by the generic path; a moment replaced
     by hand between refreshes is the one stepped (the cached plan is rebuilt). All train like
     backend="torch"."""
     import gems
@@ -897,6 +898,8 @@ def test_fused_bias_correction_follows_the_inner_state(case):
             if case == "counters-disagree" and i == 2:  # one subspace's count set back by hand
                 w = opt.subspaces[0]
                 opt.inner.state[w.coords["a"]]["step"] = torch.tensor(0.0)
+            if case == "counters-edited" and i == 2:
+                opt.inner.state[opt.subspaces[0].coords["a"]]["step"].fill_(0.0)
             if case == "moments-replaced" and i == 2:  # new tensors, not in-place edits
                 st = opt.inner.state[opt.subspaces[0].coords["a"]]
                 st["exp_avg"], st["exp_avg_sq"] = st["exp_avg"] * -3.0, st["exp_avg_sq"] * 4.0

@@ -22,15 +22,17 @@ ROOT = Path(__file__).resolve().parent.parent
 OPT, SUB, DIST, TASKS, REF = ("python/gems/optimizer.py", "python/gems/subspaces.py", "python/gems/distributed.py",
                               "python/gems/tasks.py", "python/gems/reference.py")
 SPLIT = "python/gems/split_backward.py"
+STEP, COLLECT, FUSED, GROUPED, SCHED, CKPT = ("python/gems/step.py", "python/gems/collect.py", "python/gems/fused.py",
+                                              "python/gems/grouped.py", "python/gems/schedule.py",
+                                              "python/gems/checkpoint.py")
 
 # name -> [(file, old, new)]: every `old` must occur in the file
 MUTATIONS: dict[str, list[tuple[str, str, str]]] = {
     "gates swapped where applied": [
-        (OPT, "self.scale * gates[self.tasks.index(s)]", "self.scale * gates[::-1][self.tasks.index(s)]"),
-        (OPT, "[self.scale] + [self.scale * g for g in gates]", "[self.scale] + [self.scale * g for g in gates[::-1]]")],
-    "gate inputs: squared norms": [(OPT, "norms = [math.sqrt(s) for s in sq]", "norms = [s for s in sq]")],
+        (FUSED, "[scale] + [scale * g for g in gates]", "[scale] + [scale * g for g in gates[::-1]]")],
+    "gate inputs: squared norms": [(COLLECT, "[math.sqrt(s) for s in sq]", "[s for s in sq]")],
     "gate inputs: loss share dropped": [
-        (OPT, "self._task_grads.mean_losses(), norms", "[1.0] * len(self.tasks), norms")],
+        (COLLECT, "stash.mean_losses(), [math.sqrt", "[1.0] * len(cfg.tasks), [math.sqrt")],
     "gate weights 0.4/0.4/0.2 changed": [(REF, "0.4 * a + 0.4 * b + 0.2 * c", "0.2 * a + 0.4 * b + 0.4 * c")],
     "negative gates allowed again": [(REF, " or any(float(v) < 0 for v in values)", "")],
     "residual basis from G_t": [
@@ -41,26 +43,44 @@ MUTATIONS: dict[str, list[tuple[str, str, str]]] = {
         (DIST, "flat.div_(n_total)", "flat.div_(dist.get_world_size())")],
     "DDP steps parameters without gradient": [(DIST, "            if not here:\n                continue\n", "")],
     "shared coordinates mixed uniformly": [
-        (OPT, "        weights = stash.shared_weights()\n        per_weight = {}",
-         "        weights = [1.0 / len(self.tasks)] * len(self.tasks)\n        per_weight = {}")],
+        (COLLECT, "    weights = stash.shared_weights()\n    per_weight = {",
+         "    weights = [1.0 / len(tasks)] * len(tasks)\n    per_weight = {")],
     "plain parameters mixed with swapped weights": [
-        (OPT, "_shared_gradients(plain_grads, weights)", "_shared_gradients(plain_grads, weights[::-1])")],
+        (COLLECT, "shared_gradients(plain_grads, weights)", "shared_gradients(plain_grads, weights[::-1])")],
     "accumulation sums calls (no sample-weighted mean)": [(TASKS, "coef = self.base[t] / n", "coef = 1.0")],
     "rotate is the identity": [
         (SUB, "rot = self.bases[s].T @ old[s]", "rot = torch.eye(self.bases[s].shape[1], device=old[s].device)")],
     "rotate second moments by R, not R∘R": [
         (SUB, "second_order=key in SECOND_ORDER_STATE)", "second_order=False)")],
     "scale ignored on the shared subspace": [
-        (OPT, "[self.scale if s == SHARED else", "[1.0 if s == SHARED else")],
-    "update sign flipped (torch backend)": [
-        (OPT, "bases = torch.cat([w.work_bases[s] * c for s, c in zip(subs, coeffs)], dim=1)",
+        (FUSED, "[scale] + [scale * g", "[1.0] + [scale * g")],
+    "update sign flipped (per-weight torch write)": [
+        (STEP, "bases = torch.cat([w.work_bases[s] * c for s, c in zip(subs, coeffs)], dim=1)",
          "bases = torch.cat([w.work_bases[s] * -c for s, c in zip(subs, coeffs)], dim=1)")],
-    "weight decay dropped (torch backend)": [(OPT, "beta = 1.0 - lr * wd", "beta = 1.0")],
+    "weight decay dropped (per-weight torch write)": [(STEP, "beta = 1.0 - lr * wd", "beta = 1.0")],
+    # the torch step over stacked shape groups (gems.grouped) and the fused step's cached plan (gems.fused)
+    "grouped: weight decay dropped": [(GROUPED, "beta = 1.0 - lr * wd", "beta = 1.0")],
+    "grouped: update sign flipped (left side)": [
+        (GROUPED, "w.param.addmm_(group.bases[g], coords[g], beta=beta)",
+         "w.param.addmm_(group.bases[g], coords[g], beta=beta, alpha=-1)")],
+    "grouped: coefficients of the wrong subspaces": [
+        (GROUPED, "for s, c in zip(group.subs, coeffs)", "for s, c in zip(group.subs, coeffs[::-1])")],
+    "grouped: shared coordinates unweighted": [
+        (GROUPED, "shared.add_(group.part(stacked, 0, r_sh), alpha=wt)", "shared.add_(group.part(stacked, 0, r_sh))")],
+    "grouped: batched projection onto the shared basis only": [
+        (GROUPED, "spans = [(0, r_sh)] + ([group.spans[t]] if t in group.spans else [])",
+         "spans = [(0, r_sh)] + ([(0, group.spans[t][1] - group.spans[t][0])] if t in group.spans else [])")],
+    "grouped: plan not rebuilt after a refresh": [
+        (SCHED, "        opt._plan_epoch += 1", "        pass")],
+    "fused: plan not rebuilt after a load": [(CKPT, "    opt._plan_epoch += 1", "    pass")],
+    "fused: counters edited by hand not noticed": [(FUSED, "    return torch.equal(buf, plan.expected)", "    return True")],
+    "fused: moments replaced by hand not noticed": [
+        (FUSED, 'if any(st["exp_avg"] is not m or st["exp_avg_sq"] is not v', 'if False and any(st["exp_avg"] is not m')],
     "null space not folded into the bases": [
         (SUB, "folded = nsp.fold_into_basis(b, q, self.side, self.protect_side) if q is not None else b",
          "folded = b")],
     "projected-side null space skipped": [
-        (OPT, "ds = {s: nsp.project_update(d, w.delta_projector, w.protect_side) for s, d in ds.items()}",
+        (STEP, "ds = {s: nsp.project_update(d, w.delta_projector, w.protect_side) for s, d in ds.items()}",
          "ds = ds")],
     "solver signs by default": [(SUB, 'if method == "svd" and basis_signs == "canonical":', "if False:")],
     # the one-backward form (split_backward.py) against the per-task-backward form

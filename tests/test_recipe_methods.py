@@ -10,7 +10,7 @@ from conftest import require
 from gems.nullspace import leakage, project_update
 from gems.recipes import evaluate as E
 from gems.recipes.methods import METHODS, Hyper, NullSpaceUpdate, build_method
-from gems.recipes.model import ItemHead
+from gems.recipes.model import BilinearItemHead, ItemHead, TaskHeads
 from gems.recipes.prompts import Prompts, TrainRow, rec_windows
 
 VOCAB, ITEMS = 64, list(range(50, 60))
@@ -111,6 +111,36 @@ def test_item_head_starts_at_tied_logits_plus_the_centred_prior():
         ItemHead(4, 8, torch.tensor([1.0, float("nan"), 0.0, 0.0]))
     with pytest.raises(ValueError, match="4 × 8 finite"):
         ItemHead(4, 8, prior, torch.randn(4, 7))
+
+
+def test_task_heads_score_each_row_with_its_tasks_head():
+    torch.manual_seed(0)
+    prior = torch.log1p(torch.tensor([3.0, 0.0, 7.0, 1.0]))
+    heads = TaskHeads({"search": ItemHead(4, 8, prior, torch.randn(4, 8)), "rec": ItemHead(4, 8, prior)})
+    h = torch.randn(5, 3, 8)
+    tasks = ["rec", "search", "search", "rec", "search"]
+    out = heads(h, tasks)
+    for i, t in enumerate(tasks):
+        torch.testing.assert_close(out[i], heads[t](h[i]), rtol=0, atol=0)
+    out[[0, 3]].sum().backward()  # rec rows only: the search head gets no gradient
+    assert not heads["search"].weight.grad.any() and heads["rec"].weight.grad.abs().sum() > 0
+    # the rec head starts at W = 0: the popularity ranking for every hidden state
+    assert (heads["rec"](h).argsort(-1, descending=True) == torch.tensor([2, 0, 3, 1])).all()
+    # the bilinear head starts there too, and one answer's step moves items it never saw as answers
+    items = torch.randn(4, 8)
+    bil = BilinearItemHead(items, prior)
+    assert (bil(h).argsort(-1, descending=True) == torch.tensor([2, 0, 3, 1])).all()
+    torch.nn.functional.cross_entropy(bil(h[0]), torch.tensor([1, 1, 1])).backward()
+    with torch.no_grad():
+        bil.map -= 0.1 * bil.map.grad
+    moved = bil(h[0]) - heads["rec"](h[0])
+    e = items / items.norm(dim=1, keepdim=True)
+    torch.testing.assert_close(moved, h[0] @ bil.map @ e.T)  # h·A·e_j on unit item vectors
+    assert bool((moved[:, [0, 2, 3]].abs() > 0).all())
+    with pytest.raises(KeyError, match="no item head for task 'other'"):
+        heads(h, ["other"] * 5)
+    with pytest.raises(ValueError, match="2 task names for 5 rows"):
+        heads(h, ["rec", "rec"])
 
 
 # ------------------------------------------------------------------------------------------ null space wrapper

@@ -83,10 +83,11 @@ def model_forward(model: Any, batch: Mapping[str, Tensor], keep: int, *, autocas
 
 
 def item_logits(model: Any, batch: Mapping[str, Tensor], keep: int, item_ids: Tensor, *, head: Any = None,
-                autocast_dtype: torch.dtype | None = None) -> Tensor:
+                tasks: Sequence[str] | None = None, autocast_dtype: torch.dtype | None = None) -> Tensor:
     """Item scores (B × keep × N_items, fp32) at the last ``keep`` positions: the LM head's item-token
     logits, or ``head(final hidden state)`` when an item head is given (the decoder is called directly, so
-    no vocabulary-sized logits are computed)."""
+    no vocabulary-sized logits are computed); ``head(hidden, tasks)`` with one task name per row for
+    :class:`~gems.recipes.model.TaskHeads`."""
     if head is None:
         return model_forward(model, batch, keep, autocast_dtype=autocast_dtype)[..., item_ids.to(batch["input_ids"].device)]
     device_type = batch["input_ids"].device.type
@@ -95,7 +96,8 @@ def item_logits(model: Any, batch: Mapping[str, Tensor], keep: int, item_ids: Te
     with ctx:
         hidden = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                      position_ids=batch["position_ids"], use_cache=False).last_hidden_state
-    return head(hidden[:, -keep:].float())
+    hidden = hidden[:, -keep:].float()
+    return head(hidden) if tasks is None else head(hidden, tasks)
 
 
 def item_token_loss(model: Any, batch: Mapping[str, Tensor], *, item_ids: Tensor | None = None,
@@ -117,7 +119,8 @@ def item_token_loss(model: Any, batch: Mapping[str, Tensor], *, item_ids: Tensor
 
 
 def row_item_losses(model: Any, rows: Sequence[Any], pad_id: int, item_ids: Tensor, *, head: Any = None,
-                    device: torch.device | str = "cpu", autocast_dtype: torch.dtype | None = None) -> Tensor:
+                    tasks: Sequence[str] | None = None, device: torch.device | str = "cpu",
+                    autocast_dtype: torch.dtype | None = None) -> Tensor:
     """Cross-entropy over the item tokens of every target of ``rows`` (:class:`~gems.recipes.prompts.TrainRow`:
     the last ``targets`` ids of each row are answers, each predicted from its own prefix), flattened row
     by row (B-th row's targets in order).
@@ -128,7 +131,7 @@ def row_item_losses(model: Any, rows: Sequence[Any], pad_id: int, item_ids: Tens
         raise ValueError("row_item_losses needs at least one row")
     batch = collate_left([r.ids for r in rows], pad_id, device=device)
     keep = max(r.targets for r in rows) + 1
-    logits = item_logits(model, batch, keep, item_ids, head=head, autocast_dtype=autocast_dtype)[:, :-1]
+    logits = item_logits(model, batch, keep, item_ids, head=head, tasks=tasks, autocast_dtype=autocast_dtype)[:, :-1]
     cols = torch.arange(keep - 1, device=logits.device)
     n = torch.tensor([r.targets for r in rows], device=logits.device)
     valid = cols.unsqueeze(0) >= (keep - 1 - n).unsqueeze(1)       # the last n predicting positions

@@ -4,7 +4,8 @@ Every method trains the same model under the same rules, so what differs is the 
 - the new item rows of the (tied) embedding are trainable in every method, at the shared ``item_lr`` and
   without weight decay; the text-token rows stay frozen (a gradient mask; LoRA gets the same rows through
   PEFT's ``trainable_token_indices``), so no method can win or lose by rewriting the vocabulary;
-- the item head (:class:`gems.recipes.model.ItemHead`) trains at the shared ``head_lr``;
+- the task heads (:class:`gems.recipes.model.TaskHeads`: search an ``ItemHead``, rec a ``BilinearItemHead``)
+  train at the shared ``head_lr``;
 - the body (everything else) is trained at the method's own tuned ``lr``, AdamW betas (0.9, 0.999),
   eps 1e-6, weight decay 0.01 (the GEMS authors' values);
 - GaLore's rank is GEMS' shared rank plus one task rank per task, so both methods optimise in subspaces

@@ -343,3 +343,77 @@ class ItemHead(torch.nn.Module):
 
     def forward(self, hidden: "torch.Tensor") -> "torch.Tensor":
         return torch.nn.functional.linear(hidden, self.weight, self.bias)
+
+
+class BilinearItemHead(torch.nn.Module):
+    """Item scores ``h·A·e_j + b_j`` over fixed item vectors ``e_j`` (the item rows at the start: title means),
+    with ``A`` (hidden × hidden) starting at 0, so the head starts at the popularity ranking of ``b``.
+
+    Why, for recommendation on a small budget: a per-item row learns only from the steps where its item is an
+    answer, and Adam moves a row that was an answer once by ~lr per entry whatever its gradient's size, so the
+    items of the few windows seen get a bump that is noise for other users (a per-item head starting at the
+    prior fell from popularity's 0.058 to 0.045 NDCG@10 in a GEMS pilot on the default budget). ``A`` is shared by every item:
+    each answer moves the context toward its item's vector and away from the expected one (d/dA = h·(e_y −
+    E_p[e])ᵀ), which carries over to items with similar titles, genres or years that were never answers."""
+
+    def __init__(self, items: "torch.Tensor", log_prior: "torch.Tensor | None" = None):
+        super().__init__()
+        e = torch.as_tensor(items, dtype=torch.float32).detach().clone()
+        if e.dim() != 2 or not bool(torch.isfinite(e).all()):
+            raise ValueError("items must be a finite items × hidden matrix")
+        n, dim = e.shape
+        b = torch.zeros(n) if log_prior is None else torch.as_tensor(log_prior, dtype=torch.float32).clone()
+        if b.shape != (n,) or not bool(torch.isfinite(b).all()):
+            raise ValueError(f"log_prior must be {n} finite values")
+        # unit-norm item vectors: titles of many tokens have shorter means, which would otherwise rank lower
+        self.register_buffer("items", e / e.norm(dim=1, keepdim=True).clamp_min(1e-6))
+        self.map = torch.nn.Parameter(torch.zeros(dim, dim))
+        self.bias = torch.nn.Parameter(b - b.mean())
+
+    @property
+    def num_items(self) -> int:
+        return self.items.shape[0]
+
+    def forward(self, hidden: "torch.Tensor") -> "torch.Tensor":
+        return torch.nn.functional.linear(hidden @ self.map, self.items, self.bias)
+
+
+class TaskHeads(torch.nn.Module):
+    """One item head per task over the shared model (multi-task learning's usual task heads).
+
+    Why: search and recommendation want opposite starts. Search reads titles, so its head starts at the item
+    rows; a recommender's best cheap start is popularity, and title logits of the same spread as the prior
+    bury it (one shared head scored rec NDCG@10 0.0055 at step 0 against popularity's 0.058, and 0.020-0.024
+    after the default budget: benches/results/unified_sr_cpu.md before this change). The rec head therefore
+    starts exactly at the popularity ranking (:class:`BilinearItemHead`, or an :class:`ItemHead` with ``W = 0``).
+    ``forward(hidden, tasks)`` takes one task name per row of ``hidden`` (its first dimension)."""
+
+    def __init__(self, heads: "dict[str, torch.nn.Module]"):
+        super().__init__()
+        if not heads:
+            raise ValueError("TaskHeads needs at least one head")
+        sizes = {h.bias.shape[0] for h in heads.values()}
+        if len(sizes) != 1:
+            raise ValueError(f"task heads must all score the same items, got {sorted(sizes)} items")
+        self.heads = torch.nn.ModuleDict(heads)
+
+    def __getitem__(self, task: str) -> torch.nn.Module:
+        if task not in self.heads:
+            raise KeyError(f"no item head for task {task!r}; heads: {list(self.heads)}")
+        return self.heads[task]
+
+    def forward(self, hidden: "torch.Tensor", tasks: "Sequence[str]") -> "torch.Tensor":
+        if len(tasks) != hidden.shape[0]:
+            raise ValueError(f"{len(tasks)} task names for {hidden.shape[0]} rows")
+        names = list(dict.fromkeys(tasks))
+        if len(names) == 1:
+            return self[names[0]](hidden)
+        parts, order = [], []
+        for t in names:
+            rows = [i for i, x in enumerate(tasks) if x == t]
+            parts.append(self[t](hidden[rows]))
+            order += rows
+        inverse = torch.empty(len(order), dtype=torch.long)
+        inverse[torch.tensor(order)] = torch.arange(len(order))
+        return torch.cat(parts)[inverse.to(hidden.device)]
+

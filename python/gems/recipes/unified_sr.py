@@ -71,7 +71,7 @@ from gems.resources import require
 __all__ = ["Config", "PRESETS", "parse_args", "main", "run", "METHODS"]
 
 TASKS = ("search", "rec")  # GEMS task order; diagnostics keys read "cos/search-rec"
-RECIPE_VERSION = 2  # bump when a change alters what a finished run in a run log would contain (2: GEMS one backward)
+RECIPE_VERSION = 3  # bump when a change alters what a finished run in a run log would contain (2: GEMS one backward; 3: task heads)
 
 
 # ------------------------------------------------------------------------------------------------ config
@@ -87,9 +87,11 @@ class Config:
     window: int = 12
     search_history: int = 3
     item_lr: float = 3e-3
-    head_lr: float = 3e-4
-    head_init: float = 1.0                   # the head's W starts at head_init × the item rows (0: prior only)
-    item_scores: str = "head"                # head: ItemHead (tied rows + popularity prior); tied: the LM head's rows
+    head_lr: float = 3e-5                    # both heads; 3e-4 scored lower on validation (0.137 vs 0.155, adamw pilot)
+    head_init: float = 1.0                   # the search head's W starts at head_init × the item rows
+    rec_head: str = "bilinear"               # bilinear: h·A·e_j + prior, A = 0 at the start; rows: an ItemHead
+    rec_head_init: float = 0.0               # rows: the rec head's W starts at rec_head_init × the item rows
+    item_scores: str = "head"                # head: one ItemHead per task (rows + popularity prior); tied: the LM head's rows
     weight_decay: float = 0.01
     warmup: float = 0.05
     rank: int = 32
@@ -173,7 +175,7 @@ def _ints(text: str) -> tuple[int, ...]:
     return tuple(dict.fromkeys(vals))
 
 
-_OVERRIDABLE = ("steps", "rec_batch", "search_batch", "window", "search_history", "item_lr", "head_lr", "head_init", "item_scores", "weight_decay", "warmup",
+_OVERRIDABLE = ("steps", "rec_batch", "search_batch", "window", "search_history", "item_lr", "head_lr", "head_init", "rec_head", "rec_head_init", "item_scores", "weight_decay", "warmup",
                 "rank", "task_rank", "gap", "lora_r", "refresh", "val_users", "val_points", "num_negatives",
                 "ns_threshold", "ns_mode", "calib_texts", "ppl_texts", "cloze_items", "text_length", "eval_batch_size",
                 "data_seed", "device", "threads", "model", "interactions", "items", "out", "tag")
@@ -227,6 +229,8 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         p.error("--task-rank, --cloze-items and --search-history must be >= 0 and --item-lr > 0")
     if cfg.item_scores not in ("head", "tied"):
         p.error("--item-scores must be head or tied")
+    if cfg.rec_head not in ("bilinear", "rows"):
+        p.error("--rec-head must be bilinear or rows")
     from gems.nullspace import MODES
     from gems.refresh import REFRESH_METHODS
 
@@ -436,7 +440,8 @@ class Evaluator:
         with _bar(self.cfg, total=sum(s.n for s in sets.values()), desc=desc, leave=False, unit="ex") as bar:
             for task, s in sets.items():
                 scores = E.score_items(model, s.rows, self.item_ids, self.pad_id, batch_size=self.cfg.eval_batch_size,
-                                       device=self.cfg.device, head=head, autocast_dtype=_autocast(self.cfg),
+                                       device=self.cfg.device, head=None if head is None else head[task],
+                                       autocast_dtype=_autocast(self.cfg),
                                        progress=bar)
                 full, sampled = E.example_ranks(scores, s.targets, seen=s.seen, candidates=s.cands)
                 out[task] = {"full": full.tolist(), "sampled": sampled.tolist()}
@@ -521,6 +526,7 @@ def train_run(method: str, lr: float, seed: int, cfg: Config, prep: Prepared, ti
             flat = [r for t in order for r in rows[t]]
             # one forward over the mixed batch for every method (GEMS too: one backward splits its task gradients)
             per = E.row_item_losses(model, flat, ev.pad_id, item_ids, head=head, device=cfg.device,
+                                    tasks=None if head is None else [t for t in order for _ in rows[t]],
                                     autocast_dtype=_autocast(cfg))
             task_loss, start = {}, 0
             for t in order:
@@ -577,10 +583,13 @@ class Trained:
 def new_head(cfg: Config, prep: Prepared, model: Any) -> Any:
     if cfg.item_scores == "tied":
         return None
-    from gems.recipes.model import ItemHead
+    from gems.recipes.model import BilinearItemHead, ItemHead, TaskHeads
 
-    rows = cfg.head_init * model.get_input_embeddings().weight[prep.prompts.item_tokens].detach().float().cpu()
-    return ItemHead(len(prep.data.items), model.config.hidden_size, prep.log_prior, rows).to(cfg.device)
+    rows = model.get_input_embeddings().weight[prep.prompts.item_tokens].detach().float().cpu()
+    n, dim = len(prep.data.items), model.config.hidden_size
+    rec = (BilinearItemHead(rows, prep.log_prior) if cfg.rec_head == "bilinear"
+           else ItemHead(n, dim, prep.log_prior, cfg.rec_head_init * rows))
+    return TaskHeads({"search": ItemHead(n, dim, prep.log_prior, cfg.head_init * rows), "rec": rec}).to(cfg.device)
 
 
 def task_backward(opt: Any, task_loss: dict[str, torch.Tensor], *, gems: bool) -> None:

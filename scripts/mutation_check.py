@@ -42,6 +42,9 @@ MUTATIONS: dict[str, list[tuple[str, str, str]]] = {
         (DIST, "(held.float() * n_local).flatten()", "held.float().flatten()"),
         (DIST, "flat.div_(n_total)", "flat.div_(dist.get_world_size())")],
     "DDP steps parameters without gradient": [(DIST, "            if not here:\n                continue\n", "")],
+    "DDP clips by each rank's own norm": [
+        (COLLECT, "    synchronise(opt)\n    weights = stash.shared_weights()\n    total = 0.0",
+         "    stash.finalise()\n    weights = stash.shared_weights()\n    total = 0.0")],
     "shared coordinates mixed uniformly": [
         (COLLECT, "    weights = stash.shared_weights()\n    per_weight = {",
          "    weights = [1.0 / len(tasks)] * len(tasks)\n    per_weight = {")],

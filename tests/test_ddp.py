@@ -20,7 +20,7 @@ def _losses(model, batch, sl):
     return {t: nn.functional.mse_loss(model(x[sl]), y[sl]) for t, (x, y) in batch.items()}
 
 
-def _run(model, opt, batches, sl, n, form="dict"):
+def _run(model, opt, batches, sl, n, form="dict", clip=0.0):
     for batch in batches:
         if form == "dict":
             opt.backward(_losses(model, batch, sl), num_samples={"a": n, "b": n})
@@ -29,6 +29,11 @@ def _run(model, opt, batches, sl, n, form="dict"):
             y = torch.cat([batch[t][1][sl] for t in ("a", "b")])
             ids = torch.tensor([0] * n + [1] * n)
             opt.backward(((model(x) - y) ** 2).mean(1), task_ids=ids)
+        if clip:  # by the global gradient's norm under DDP, as one process would
+            opt.clip_grad_norm_(clip)
+            if dist.is_initialized():  # the stash is now the mean over ranks: adding to it would mix the two
+                with pytest.raises(RuntimeError, match="already averaged across ranks"):
+                    opt.backward(_losses(model, batch, sl), num_samples={"a": n, "b": n})
         opt.step()
         opt.zero_grad()
 
@@ -39,13 +44,13 @@ def _options(stash):
     return {"stash": stash} if stash == "full" else {"stash": stash, "gating": "uniform"}
 
 
-def _worker(rank, world, init_file, out_dir, stash="full", form="dict"):
+def _worker(rank, world, init_file, out_dir, stash="full", form="dict", clip=0.0):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     model = make_model(40)
     opt = make_opt(model, update_proj_gap=4, **_options(stash))
     half = 16 // world
-    _run(model, opt, task_batches(STEPS, seed=41, n=16), slice(rank * half, (rank + 1) * half), half, form)
+    _run(model, opt, task_batches(STEPS, seed=41, n=16), slice(rank * half, (rank + 1) * half), half, form, clip)
     torch.save({"params": [p.detach() for p in model.parameters()],
                 "bases": [{k: v for k, v in w.bases.items()} for w in opt.subspaces]},
                os.path.join(out_dir, f"rank{rank}.pt"))
@@ -58,13 +63,13 @@ def _worker(rank, world, init_file, out_dir, stash="full", form="dict"):
     os._exit(0)
 
 
-def _spawn(tmp, stash, form="dict"):
+def _spawn(tmp, stash, form="dict", clip=0.0):
     """Runs both ranks; a rank killed by a signal (a crash inside the gloo/torch runtime, not a Python error
     or a wrong result) gets the whole run retried once, with a warning."""
     for attempt in range(2):
         init_file = os.path.join(tmp, f"init{attempt}")
         try:
-            mp.spawn(_worker, args=(2, init_file, tmp, stash, form), nprocs=2, join=True)
+            mp.spawn(_worker, args=(2, init_file, tmp, stash, form, clip), nprocs=2, join=True)
             return
         except mp.ProcessExitedException as exc:
             if attempt or exc.signal_name is None:
@@ -72,12 +77,12 @@ def _spawn(tmp, stash, form="dict"):
             warnings.warn(f"DDP run retried after a runtime crash: {exc}")
 
 
-@pytest.mark.parametrize("stash,form", [("full", "dict"), ("projected", "dict"), ("full", "rows"),
-                                        ("projected", "rows")])
-def test_two_rank_training_matches_single_process(stash, form):
+@pytest.mark.parametrize("stash,form,clip", [("full", "dict", 0.0), ("projected", "dict", 0.0), ("full", "rows", 0.0),
+                                             ("projected", "rows", 0.0), ("full", "rows", 0.05)])
+def test_two_rank_training_matches_single_process(stash, form, clip):
     """The one process runs the dict form on the whole batch: the reference for both forms."""
     with tempfile.TemporaryDirectory() as tmp:
-        _spawn(tmp, stash, form)
+        _spawn(tmp, stash, form, clip)
         r0 = torch.load(os.path.join(tmp, "rank0.pt"), weights_only=True)
         r1 = torch.load(os.path.join(tmp, "rank1.pt"), weights_only=True)
     for a, b in zip(r0["params"], r1["params"]):
@@ -91,7 +96,7 @@ def test_two_rank_training_matches_single_process(stash, form):
     model = make_model(40)
     init = [p.detach().clone() for p in model.parameters()]
     opt = make_opt(model, update_proj_gap=4, **_options(stash))
-    _run(model, opt, task_batches(STEPS, seed=41, n=16), slice(0, 16), 16)
+    _run(model, opt, task_batches(STEPS, seed=41, n=16), slice(0, 16), 16, clip=clip)
     assert len(r0["params"]) == len(init) == 8
     assert all(not torch.equal(p, q) for p, q in zip(init, r0["params"]))
     for p, q in zip(model.parameters(), r0["params"]):

@@ -36,10 +36,7 @@ def gather_gradients(opt: "GemsOptimizer") -> tuple[PerWeight, list[float]]:
         raise RuntimeError(f"{len(foreign)} parameter(s) have a .grad (from loss.backward()?) while "
                            f"opt.backward() gradients are stashed: {', '.join(foreign[:5])}. Put every "
                            "loss into opt.backward (as a task's loss) or call opt.zero_grad() first")
-    stash.finalise()
-    if distributed.should_sync(opt.config.sync):
-        distributed.all_reduce_task_gradients(stash, opt._all_params, coordinate_layout(opt),
-                                              plain=opt._plain_params)
+    synchronise(opt)
     weights = stash.shared_weights()
     per_weight = {id(w.param): [stash.grads[t].get(id(w.param)) for t in tasks] for w in opt._subspaces}
     plain, plain_grads = [], []
@@ -56,6 +53,20 @@ def gather_gradients(opt: "GemsOptimizer") -> tuple[PerWeight, list[float]]:
     for p, combined in zip(plain, shared_gradients(plain_grads, weights)):
         p.grad = combined.to(p.dtype)
     return per_weight, weights
+
+
+def synchronise(opt: "GemsOptimizer") -> None:
+    """Make the stash the step's gradient: the sample-weighted mean over its calls and, under DDP, over ranks.
+
+    Once per step, whoever needs it first: the step, or clipping and the norm, which must see the global
+    gradient (a rank clipping by its own norm would scale its share differently from one process). A
+    collective under DDP: every rank calls it."""
+    stash = opt._task_grads
+    stash.finalise()
+    if not stash.reduced and distributed.should_sync(opt.config.sync):
+        distributed.all_reduce_task_gradients(stash, opt._all_params, coordinate_layout(opt),
+                                              plain=opt._plain_params)
+        stash.reduced = True
 
 
 def coordinate_layout(opt: "GemsOptimizer") -> dict[int, dict[str, tuple[int, int]]]:
@@ -127,7 +138,7 @@ def shared_grad_norm(opt: "GemsOptimizer") -> float:
     if stash.empty:
         return math.sqrt(sum(float(torch.linalg.vector_norm(p.grad, dtype=torch.float64)) ** 2
                              for p in opt._all_params if p.grad is not None))
-    stash.finalise()
+    synchronise(opt)
     weights = stash.shared_weights()
     total = 0.0
     for p in opt._all_params:

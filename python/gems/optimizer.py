@@ -363,13 +363,15 @@ class GemsOptimizer(torch.optim.Optimizer):
         self._task_grads.calls += 1
 
     def shared_grad_norm(self) -> float:
-        """L2 norm, over every parameter, of the shared gradient Σ_t (N_t/N)·G_t the stash holds now."""
+        """L2 norm, over every parameter, of the shared gradient Σ_t (N_t/N)·G_t the stash holds now. Under
+        DDP the global one: the stash is averaged across ranks first (a collective: call it on every rank)."""
         return collect.shared_grad_norm(self)
 
     def clip_grad_norm_(self, max_norm: float) -> Tensor:
         """Clip like ``torch.nn.utils.clip_grad_norm_`` on the shared (mixed-batch) gradient: when its norm
         exceeds ``max_norm``, every stashed task gradient is scaled by the same factor (which leaves the
-        gates, built from norm shares, unchanged). Returns the norm before clipping."""
+        gates, built from norm shares, unchanged). Returns the norm before clipping. Under DDP the norm is
+        the global gradient's, as in one process (see :meth:`shared_grad_norm`)."""
         norm = collect.shared_grad_norm(self)
         if math.isfinite(norm) and norm > max_norm > 0:
             coef = max_norm / (norm + 1e-6)

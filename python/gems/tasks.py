@@ -79,8 +79,13 @@ class TaskGradients:
         self.mixed_base = 0.0
         self.mixed_samples = 0.0
         self.form: str | None = None  # "dict" or "rows": the form of this step's opt.backward calls
+        self.reduced = False  # under DDP: already the mean over ranks (clipping or the norm needed it before step)
 
     def begin(self, form: str) -> None:
+        if self.reduced:
+            raise RuntimeError("this step's gradients were already averaged across ranks (by clip_grad_norm_ or "
+                               "shared_grad_norm); call every opt.backward of the step before those, or "
+                               "opt.zero_grad() to start a new step")
         if self.form not in (None, form):
             raise RuntimeError("this step's gradients came from the other form of opt.backward (a dict of task "
                                "losses vs per-row losses with task_ids); use one form per step, or call "

@@ -24,7 +24,8 @@ What it overrides and why
       ``one_backward=False``, or targeted weights that cannot be split by rows (``target_embeddings=True``),
       fall back to per-task losses and one autograd pass per task. Returns the (detached) loss for
       logging. The accelerator's backward is bypassed, so this trainer supports single-process CPU/GPU
-      training and DDP through GEMS' own gradient sync (not DeepSpeed, FSDP or fp16 loss scaling; bf16
+      training and DDP (``accelerate launch`` / ``torchrun``) through GEMS' own sample-weighted gradient
+      sync, with DDP's reducer held off by ``no_sync`` (not DeepSpeed, FSDP or fp16 loss scaling; bf16
       autocast via ``args.bf16`` works, there is no loss scaler to bypass).
     * Gradient accumulation is exact (with GA > 1 the trainer picks ``stash="full"`` unless ``gems_kwargs``
       sets one: the projected stash estimates norms across micro-batches): each micro-batch's task loss is its
@@ -36,7 +37,8 @@ What it overrides and why
       all parameters (the gradient a plain mixed-batch Trainer would clip) and, if it exceeds the limit,
       multiplies every stashed task gradient by the same factor. The shared gradient is clipped exactly as
       the plain Trainer would clip it, and the ratios between tasks (hence the gates' gradient-norm shares)
-      are unchanged. The logged ``grad_norm`` is that shared-gradient norm before clipping.
+      are unchanged. The logged ``grad_norm`` is that shared-gradient norm before clipping. Under DDP both
+      are the global gradient's (the stash is averaged across ranks first), as in one process.
     * Diagnostics (opt-in, ``log_diagnostics=True``): on every optimizer step that will be logged,
       ``opt.diagnostics()`` is read between backward and step and merged into the next log entry, as
       ``gems/<key>``. ``diagnostics="summary"`` (default) logs the mean over targeted layers of each
@@ -325,12 +327,16 @@ class GemsTrainer(Trainer):
         if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
             self.optimizer.train()
         inputs = self._prepare_inputs(inputs)
-        if self.one_backward and all(id(w.param) in opt._row_split for w in opt.subspaces):
-            mixed = self._one_backward(opt, model, inputs)
-        else:  # one forward and one autograd pass per task (the reference path)
-            losses, counts, mixed = self.compute_task_losses(model, inputs)
-            if sum(counts.values()) > 0:
-                opt.backward(losses, num_samples=counts)
+        # under DDP (accelerate launch) gems averages its own stash across ranks, weighted by each rank's
+        # samples, at the step (or when clipping needs the global norm): DDP's reducer would only repeat the
+        # traffic for the other parameters, unweighted
+        with self.accelerator.no_sync(model):
+            if self.one_backward and all(id(w.param) in opt._row_split for w in opt.subspaces):
+                mixed = self._one_backward(opt, model, inputs)
+            else:  # one forward and one autograd pass per task (the reference path)
+                losses, counts, mixed = self.compute_task_losses(model, inputs)
+                if sum(counts.values()) > 0:
+                    opt.backward(losses, num_samples=counts)
         if self._gems_window_left > 0:
             self._gems_window_left -= 1
         if self.log_diagnostics and self.accelerator.sync_gradients and self._will_log_next_step():

@@ -5,6 +5,7 @@ import warnings
 
 import pytest
 import torch
+from torch import Tensor
 
 from conftest import require  # noqa: E402
 
@@ -305,3 +306,52 @@ def test_training_arguments_conventions(tmp_path, caplog):
 def test_training_arguments_conventions_errors(tmp_path, args_kw, gems_kwargs, match):
     with pytest.raises(ValueError, match=match):
         make_trainer(tmp_path, args_kw=args_kw, gems_kwargs=gems_kwargs).create_optimizer()
+
+
+class PaddedTasks(torch.utils.data.Dataset):
+    """What a tokenised dataset usually holds: padded input_ids, attention_mask, labels and a task name."""
+
+    def __init__(self):
+        self.rows = collate([TinyTasks()[i] for i in range(len(TinyTasks()))])
+
+    def __len__(self):
+        return self.rows["input_ids"].shape[0]
+
+    def __getitem__(self, i):
+        return {"input_ids": self.rows["input_ids"][i], "attention_mask": self.rows["attention_mask"][i],
+                "labels": self.rows["labels"][i], "task": self.rows["task"][i]}
+
+
+def test_task_column_without_a_custom_collator(tmp_path):
+    """transformers' default collator drops string columns; the trainer keeps the task names anyway and
+    trains exactly as with the custom collator that batches them itself."""
+    args = make_trainer(tmp_path, steps=4).args
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        plain = GemsTrainer(model=tiny_model(0), args=args, train_dataset=PaddedTasks(), tasks=TASKS,
+                            gems_kwargs=dict(rank=4, task_rank=2, update_proj_gap=5))
+        plain.train()
+        custom = GemsTrainer(model=tiny_model(0), args=args, train_dataset=PaddedTasks(), tasks=TASKS,
+                             data_collator=lambda rows: {**transformers.default_data_collator(rows),
+                                                         "task": [r["task"] for r in rows]},
+                             gems_kwargs=dict(rank=4, task_rank=2, update_proj_gap=5))
+        custom.train()
+    wp, wc, w0 = weights(plain.model), weights(custom.model), weights(tiny_model(0))
+    for k in wp:
+        assert torch.equal(wp[k], wc[k]), k
+    assert any(not torch.equal(wp[k], w0[k]) for k in wp)
+
+
+def test_task_column_collator_cases():
+    from gems.integrations.transformers import TaskColumnCollator
+    rows = [{"x": torch.tensor([1, 2]), "task": "rec"}, {"x": torch.tensor([3, 4]), "task": "search"}]
+
+    def strict(features):  # like a tokenizer's pad: every value must become a tensor
+        return {k: torch.tensor([list(map(int, f[k])) if isinstance(f[k], Tensor) else f[k] for f in features])
+                for k in features[0]}
+
+    out = TaskColumnCollator(strict, "task")(rows)
+    assert out["task"] == ["rec", "search"] and out["x"].tolist() == [[1, 2], [3, 4]]
+    own = TaskColumnCollator(lambda f: {"task": "kept by the collator"}, "task")(rows)
+    assert own == {"task": "kept by the collator"}
+    assert TaskColumnCollator(lambda f: {"n": len(f)}, "task")([{"x": 1}]) == {"n": 1}  # no task column

@@ -47,7 +47,10 @@ What it overrides and why
     * Checkpoints: the optimizer state goes through ``opt.state_dict()`` (tensors and plain values, loads
       with ``weights_only=True``); the Trainer's own save/resume of weights, scheduler and RNG does the
       rest. Resuming on CPU reproduces an uninterrupted run bit for bit (tested).
-    * The task column is kept through ``remove_unused_columns`` and removed before the forward.
+    * The task column is kept through ``remove_unused_columns`` and removed before the forward. A
+      collator that drops it or cannot batch it (transformers' ``default_data_collator`` skips strings,
+      tokenizer padding fails on them) gets the batch without it, and the column is added back as a list:
+      no custom collator is needed (:class:`TaskColumnCollator`).
 """
 from __future__ import annotations
 
@@ -68,7 +71,7 @@ from gems.split_backward import row_losses, row_nll
 
 Trainer = require("transformers", "gems.integrations.transformers (GemsTrainer)").Trainer
 
-__all__ = ["GemsTrainer", "gems_options_from_args", "row_losses", "task_losses"]
+__all__ = ["GemsTrainer", "TaskColumnCollator", "gems_options_from_args", "row_losses", "task_losses"]
 
 logger = logging.getLogger(__name__)
 
@@ -162,6 +165,30 @@ def _task_index(value: Any, tasks: Sequence[str], n: int) -> Tensor:
     return idx
 
 
+class TaskColumnCollator:
+    """Wraps a data collator so that each batch keeps the rows' task column (names or ids, as a list).
+
+    The wrapped collator is tried on the features as they are (a custom one may batch the column itself);
+    when its batch lacks the column, or it raises on it, it collates the features without the column and
+    the column's values are attached to its batch."""
+
+    def __init__(self, collator: Any, column: str):
+        self.collator, self.column = collator, column
+
+    def __call__(self, features: Sequence[Any]) -> Any:
+        if not features or not isinstance(features[0], Mapping) or self.column not in features[0]:
+            return self.collator(features)
+        values = [f[self.column] for f in features]
+        try:
+            batch = self.collator(features)
+        except (TypeError, ValueError):  # e.g. a tokenizer's pad, which turns every column into a tensor
+            batch = None
+        if batch is None or self.column not in batch:
+            batch = self.collator([{k: v for k, v in f.items() if k != self.column} for f in features])
+            batch[self.column] = values
+        return batch
+
+
 def _shifted_labels(labels: Tensor) -> Tensor:
     return labels[:, 1:]
 
@@ -226,6 +253,7 @@ class GemsTrainer(Trainer):
         self._gems_window_left = 0
         self._gems_pending_logs: dict[str, float] = {}
         super().__init__(*args, **kwargs)
+        self.data_collator = TaskColumnCollator(self.data_collator, task_column)
 
     # ------------------------------------------------------------------------------------------ optimizer
     @property

@@ -90,6 +90,9 @@ class GemsOptimizer(torch.optim.Optimizer):
             raise TypeError(f"nullspace must be a gems.NullSpace, got {type(nullspace).__name__}")
         if target_embeddings and model is None:
             raise ValueError("target_embeddings=True needs model= (embeddings are found among its modules)")
+        if config.state_transfer == "rotate" and not getattr(inner, "rotatable_state", True):
+            raise ValueError(f"state_transfer='rotate' needs moments shaped like the coordinates; "
+                             f"{type(inner).__name__} stores them otherwise: use 'keep' (default) or 'reset'")
 
         self.config = config
         self.inner = inner

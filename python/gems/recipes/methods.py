@@ -88,6 +88,7 @@ class Hyper:
     gap: int = 25
     lora_r: int = 16
     refresh: str = "svd"
+    moments: str = "fp32"  # "8bit": GEMS' inner AdamW keeps 8-bit moments (gems.AdamW8bit)
     seed: int = 0
 
 
@@ -211,7 +212,8 @@ def build_method(name: str, model: nn.Module, item_ids: Sequence[int], lr: float
         return model, opt, info
     import gems
 
-    inner = torch.optim.AdamW(_groups(body, items, lr, hp, extra), **adam)
+    inner_cls = gems.AdamW8bit if hp.moments == "8bit" else torch.optim.AdamW
+    inner = inner_cls(_groups(body, items, lr, hp, extra), **adam)
     kw: dict[str, Any] = dict(model=model, tasks=list(TASKS), rank=hp.rank, task_rank=hp.task_rank,
                               update_proj_gap=hp.gap, scale=1.0, gating="heuristic", refresh=hp.refresh, seed=hp.seed)
     if spec.nullspace:

@@ -71,6 +71,9 @@ from gems.resources import require
 __all__ = ["Config", "PRESETS", "parse_args", "main", "run", "METHODS"]
 
 TASKS = ("search", "rec")  # GEMS task order; diagnostics keys read "cos/search-rec"
+# options added without a version bump: at this value a run is what it was before the option existed, so the
+# option stays out of the run-log key and logs written before it keep resuming
+_NEW_AT_DEFAULT = {"moments": "fp32"}
 RECIPE_VERSION = 3  # bump when a change alters what a finished run in a run log would contain (2: GEMS one backward; 3: task heads)
 
 
@@ -91,6 +94,7 @@ class Config:
     head_init: float = 1.0                   # the search head's W starts at head_init × the item rows
     rec_head: str = "bilinear"               # bilinear: h·A·e_j + prior, A = 0 at the start; rows: an ItemHead
     rec_head_init: float = 0.0               # rows: the rec head's W starts at rec_head_init × the item rows
+    moments: str = "fp32"                    # 8bit: the GEMS methods' inner AdamW keeps 8-bit moments
     item_scores: str = "head"                # head: one ItemHead per task (rows + popularity prior); tied: the LM head's rows
     weight_decay: float = 0.01
     warmup: float = 0.05
@@ -175,7 +179,7 @@ def _ints(text: str) -> tuple[int, ...]:
     return tuple(dict.fromkeys(vals))
 
 
-_OVERRIDABLE = ("steps", "rec_batch", "search_batch", "window", "search_history", "item_lr", "head_lr", "head_init", "rec_head", "rec_head_init", "item_scores", "weight_decay", "warmup",
+_OVERRIDABLE = ("steps", "rec_batch", "search_batch", "window", "search_history", "item_lr", "head_lr", "head_init", "rec_head", "rec_head_init", "moments", "item_scores", "weight_decay", "warmup",
                 "rank", "task_rank", "gap", "lora_r", "refresh", "val_users", "val_points", "num_negatives",
                 "ns_threshold", "ns_mode", "calib_texts", "ppl_texts", "cloze_items", "text_length", "eval_batch_size",
                 "data_seed", "device", "threads", "model", "interactions", "items", "out", "tag")
@@ -231,6 +235,8 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         p.error("--item-scores must be head or tied")
     if cfg.rec_head not in ("bilinear", "rows"):
         p.error("--rec-head must be bilinear or rows")
+    if cfg.moments not in ("fp32", "8bit"):
+        p.error("--moments must be fp32 or 8bit")
     from gems.nullspace import MODES
     from gems.refresh import REFRESH_METHODS
 
@@ -661,6 +667,9 @@ class RunLog:
         keep = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name not in (
             "methods", "lr_grid", "seeds", "threads", "out", "tag", "plots", "progress", "fresh", "argv",
             "preset", "eval_batch_size")}
+        for name, value in _NEW_AT_DEFAULT.items():  # added after the run logs of this recipe version
+            if keep.get(name) == value:
+                del keep[name]
         from gems.version import __version__
 
         keep.update(recipe=RECIPE_VERSION, gems=__version__, fingerprint=fingerprint)

@@ -117,10 +117,10 @@ class AdamW8bit(torch.optim.Optimizer):
                 if not st:
                     st["step"] = torch.tensor(0.0)
                     if p.numel() >= self.min_size:
-                        zero = torch.zeros(math.ceil(p.numel() / self.block_size), 1, device=p.device)
+                        blocks = math.ceil(p.numel() / self.block_size)
                         for key in QUANTIZED:
-                            st[key] = torch.zeros(zero.shape[0], self.block_size, dtype=FP8, device=p.device)
-                            st[key.replace("_fp8", "_scale")] = zero.clone()
+                            st[key] = torch.zeros(blocks, self.block_size, dtype=FP8, device=p.device)
+                            st[key.replace("_fp8", "_scale")] = torch.zeros(blocks, 1, device=p.device)
                     else:
                         st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                         st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
@@ -136,12 +136,13 @@ class AdamW8bit(torch.optim.Optimizer):
                 m.lerp_(g.to(m.dtype), 1 - beta1)
                 v.mul_(beta2).addcmul_(g.to(v.dtype), g.to(v.dtype), value=1 - beta2)
                 step_size = lr / (1 - beta1 ** t)
-                denom = (v.sqrt() / (1 - beta2 ** t) ** 0.5).add_(eps)  # torch AdamW's exact order
+                root = v.sqrt()
+                denom = (root / (1 - beta2 ** t) ** 0.5).add_(eps)  # torch AdamW's exact order
                 if quantized:
                     gen = self._generator(p, index, t)
                     st["exp_avg_fp8"], st["exp_avg_scale"] = quantize_blockwise(m, self.block_size, gen)
                     st["exp_avg_sqrt_fp8"], st["exp_avg_sqrt_scale"] = quantize_blockwise(
-                        v.sqrt_(), self.block_size, gen, keep_nonzero=True)
+                        root, self.block_size, gen, keep_nonzero=True)
                     p.add_((m / denom).to(p.dtype), alpha=-step_size)
                 else:
                     p.addcdiv_(m, denom, value=-step_size)

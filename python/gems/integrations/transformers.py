@@ -170,20 +170,25 @@ class TaskColumnCollator:
 
     The wrapped collator is tried on the features as they are (a custom one may batch the column itself);
     when its batch lacks the column, or it raises on it, it collates the features without the column and
-    the column's values are attached to its batch."""
+    the column's values are attached to its batch. Once that was needed, later batches go straight to it
+    (each batch is collated once)."""
 
     def __init__(self, collator: Any, column: str):
         self.collator, self.column = collator, column
+        self.strip = False  # learnt from the first batch the collator could not keep the column of
 
     def __call__(self, features: Sequence[Any]) -> Any:
         if not features or not isinstance(features[0], Mapping) or self.column not in features[0]:
             return self.collator(features)
         values = [f[self.column] for f in features]
-        try:
-            batch = self.collator(features)
-        except (TypeError, ValueError):  # e.g. a tokenizer's pad, which turns every column into a tensor
-            batch = None
+        batch = None
+        if not self.strip:
+            try:
+                batch = self.collator(features)
+            except (TypeError, ValueError):  # e.g. a tokenizer's pad, which turns every column into a tensor
+                batch = None
         if batch is None or self.column not in batch:
+            self.strip = True
             batch = self.collator([{k: v for k, v in f.items() if k != self.column} for f in features])
             batch[self.column] = values
         return batch

@@ -316,6 +316,14 @@ def add_item_tokens(
     return list(ids)
 
 
+def _prior_bias(log_prior: "torch.Tensor | None", num_items: int) -> torch.nn.Parameter:
+    """The item heads' bias: the centred log-popularity prior (zeros without one), checked."""
+    b = torch.zeros(num_items) if log_prior is None else torch.as_tensor(log_prior, dtype=torch.float32).clone()
+    if b.shape != (num_items,) or not bool(torch.isfinite(b).all()):
+        raise ValueError(f"log_prior must be {num_items} finite values")
+    return torch.nn.Parameter(b - b.mean())
+
+
 class ItemHead(torch.nn.Module):
     """Item scores from the LM's final hidden state: ``h @ W.T + b`` (one row and one bias per item).
 
@@ -335,11 +343,8 @@ class ItemHead(torch.nn.Module):
         w = torch.zeros(num_items, dim) if rows is None else torch.as_tensor(rows, dtype=torch.float32).detach().clone()
         if w.shape != (num_items, dim) or not bool(torch.isfinite(w).all()):
             raise ValueError(f"rows must be {num_items} × {dim} finite values")
-        b = torch.zeros(num_items) if log_prior is None else torch.as_tensor(log_prior, dtype=torch.float32).clone()
-        if b.shape != (num_items,) or not bool(torch.isfinite(b).all()):
-            raise ValueError(f"log_prior must be {num_items} finite values")
         self.weight = torch.nn.Parameter(w)
-        self.bias = torch.nn.Parameter(b - b.mean())
+        self.bias = _prior_bias(log_prior, num_items)
 
     def forward(self, hidden: "torch.Tensor") -> "torch.Tensor":
         return torch.nn.functional.linear(hidden, self.weight, self.bias)
@@ -362,17 +367,10 @@ class BilinearItemHead(torch.nn.Module):
         if e.dim() != 2 or not bool(torch.isfinite(e).all()):
             raise ValueError("items must be a finite items × hidden matrix")
         n, dim = e.shape
-        b = torch.zeros(n) if log_prior is None else torch.as_tensor(log_prior, dtype=torch.float32).clone()
-        if b.shape != (n,) or not bool(torch.isfinite(b).all()):
-            raise ValueError(f"log_prior must be {n} finite values")
         # unit-norm item vectors: titles of many tokens have shorter means, which would otherwise rank lower
         self.register_buffer("items", e / e.norm(dim=1, keepdim=True).clamp_min(1e-6))
         self.map = torch.nn.Parameter(torch.zeros(dim, dim))
-        self.bias = torch.nn.Parameter(b - b.mean())
-
-    @property
-    def num_items(self) -> int:
-        return self.items.shape[0]
+        self.bias = _prior_bias(log_prior, n)
 
     def forward(self, hidden: "torch.Tensor") -> "torch.Tensor":
         return torch.nn.functional.linear(hidden @ self.map, self.items, self.bias)

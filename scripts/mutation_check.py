@@ -76,6 +76,11 @@ MUTATIONS: dict[str, list[tuple[str, str, str]]] = {
     "grouped: plan not rebuilt after a refresh": [
         (SCHED, "        opt._plan_epoch += 1", "        pass")],
     "fused: plan not rebuilt after a load": [(CKPT, "    opt._plan_epoch += 1", "    pass")],
+    "load: scheduler writes the replaced group dicts": [(CKPT, "    _relink_groups(opt)\n    _install(", "    _install(")],
+    "DCP template: created step counters kept": [
+        (CKPT, 'st["step"] = st["step"].zero_() if isinstance(st["step"], Tensor) else type(st["step"])(0)', "pass")],
+    "torch layout: coordinate states swapped": [
+        (CKPT, '        entry["coords"] = {s: inner["state"][i]', '        entry["coords"] = {s: inner["state"][len(flat) - 1 - i]')],
     "fused: counters edited by hand not noticed": [(FUSED, "    return torch.equal(buf, plan.expected)", "    return True")],
     "fused: moments replaced by hand not noticed": [
         (FUSED, 'if any(st["exp_avg"] is not m or st["exp_avg_sq"] is not v', 'if False and any(st["exp_avg"] is not m')],

@@ -78,3 +78,11 @@ def train(model, opt, batches, num_samples=None):
         opt.zero_grad()
         losses.append({t: float(v.detach()) for t, v in ls.items()})
     return losses
+
+
+def saved_weight(opt, sd, name):
+    """Targeted weight ``name``'s entry in ``opt.state_dict()`` (torch's layout: keyed by its position in
+    ``opt.param_groups``): {"gems": {step, bases, ...}, "coords": {subspace: inner state}}."""
+    params = [p for g in opt.param_groups for p in g["params"]]
+    w = next(w for w in opt.subspaces if w.name == name)
+    return sd["state"][next(i for i, p in enumerate(params) if p is w.param)]

@@ -1,9 +1,11 @@
 """Defects found by using the optimizer as a demanding user would; each test failed before its fix."""
+import copy
 import math
 import os
 import sys
 import tempfile
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +16,7 @@ from torch import nn
 import gems
 from gems import reference
 from gems.errors import BackendUnavailableError
-from helpers import make_model, make_opt, task_batches, task_losses
+from helpers import make_model, make_opt, saved_weight, task_batches, task_losses
 
 
 def _quiet(fn, *a, **kw):
@@ -198,13 +200,15 @@ def _trained():
     return model, opt
 
 
-@pytest.mark.parametrize("damage", ["nan", "shape", "not-orthonormal", "missing-key", "no-weights", "no-inner"])
+@pytest.mark.parametrize("damage", ["nan", "shape", "not-orthonormal", "missing-key", "no-state", "no-param_groups",
+                                    "group-size", "no-gems-entry", "v1-no-weights", "v1-no-inner"])
 def test_bad_state_dict_raises_and_loads_nothing(damage):
     _, opt = _trained()
-    sd = opt.state_dict()
+    sd = opt.state_dict() if not damage.startswith("v1") else _v1_state_dict()
     model2, fresh = _trained()
-    before = fresh.state_dict()
-    w0 = sd["weights"][0]
+    before = copy.deepcopy(fresh.state_dict())
+    names = [w.name for w in opt.subspaces]
+    w0 = saved_weight(opt, sd, names[0])["gems"] if not damage.startswith("v1") else None
     if damage == "nan":
         w0["bases"]["shared"][0, 0] = float("nan")
     elif damage == "shape":
@@ -212,16 +216,37 @@ def test_bad_state_dict_raises_and_loads_nothing(damage):
     elif damage == "not-orthonormal":
         w0["bases"]["shared"] = w0["bases"]["shared"] * 2
     elif damage == "missing-key":
-        del sd["weights"][-1]["step"]  # the last weight: the inner state would already have been loaded
+        del saved_weight(opt, sd, names[-1])["gems"]["step"]  # the last weight: nothing may be loaded before it
+    elif damage == "group-size":
+        sd["param_groups"][0]["params"].pop()
+    elif damage == "no-gems-entry":
+        del saved_weight(opt, sd, names[-1])["gems"]
     else:
-        del sd[damage.removeprefix("no-")]
+        del sd[damage.split("no-")[1]]
     with pytest.raises(ValueError):
         fresh.load_state_dict(sd)
-    after = fresh.state_dict()
-    torch.testing.assert_close(after["inner"], before["inner"])
-    for a, b in zip(after["weights"], before["weights"]):
-        for k in b["bases"]:
-            assert torch.equal(a["bases"][k], b["bases"][k])
+    _assert_same(fresh.state_dict(), before)
+
+
+def _assert_same(a, b, path="state dict"):
+    """Equal tensors (bitwise) and plain values, recursively."""
+    if isinstance(a, dict):
+        assert set(a) == set(b), path
+        for k in a:
+            _assert_same(a[k], b[k], f"{path}[{k!r}]")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_same(x, y, f"{path}[{i}]")
+    elif isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), path
+    else:
+        assert a == b, path
+
+
+def _v1_state_dict():
+    """The format-1 checkpoint committed in tests/data (written by gems before torch's layout)."""
+    return torch.load(Path(__file__).parent / "data" / "gems_state_v1.pt", weights_only=True)["opt"]
 
 
 # ------------------------------------------------------------------------------------------------ .grad and re-steps

@@ -9,7 +9,7 @@ from torch import nn
 
 import gems
 from gems import collect, reference
-from helpers import make_model, make_opt, task_batches, task_losses, train
+from helpers import make_model, make_opt, saved_weight, task_batches, task_losses, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny SVDs: see conftest.one_thread
 
@@ -183,7 +183,8 @@ def test_inner_holds_coordinates_not_weights_and_state_is_low_rank():
     train(model, opt, task_batches(2, seed=9))
     assert len(opt.subspaces) == 3
     for w in opt.subspaces:
-        assert all(w.param is not p for g in opt.param_groups for p in g["params"])
+        assert all(w.param is not p for g in opt.inner.param_groups for p in g["params"])
+        assert any(w.param is p for g in opt.param_groups for p in g["params"])  # torch's view: the model's
         assert set(w.coords) == {"shared", "a", "b"}
         for s, c in w.coords.items():
             assert c.dtype == torch.float32
@@ -220,7 +221,9 @@ def test_param_groups_lrs_and_schedulers(attach):
                                {"params": [p for n, p in model.named_parameters() if n != "mid.weight"]}],
                               lr=1e-2, weight_decay=0.0)
     opt = gems.GemsOptimizer(inner, model=model, tasks=["a", "b"], rank=4, task_rank=2)
-    assert opt.param_groups is inner.param_groups and len(opt.param_groups) == 2
+    # torch's view: the inner groups' options, the model's parameters
+    assert len(opt.param_groups) == 2 and [g.inner_group for g in opt.param_groups] == inner.param_groups
+    assert opt.param_groups[0]["params"] == [model.mid.weight] and opt.param_groups[0]["lr"] == 0.0
     frozen_by_lr = model.mid.weight.detach().clone()
     sched = torch.optim.lr_scheduler.StepLR(opt if attach == "gems" else inner, step_size=1, gamma=0.5)
     for batch in task_batches(3, seed=12):
@@ -317,12 +320,11 @@ def test_non_finite_gradient_skips_that_weight_and_leaves_state_untouched():
     assert "mid.weight" in opt.last_skipped
     assert torch.equal(model.mid.weight, params["mid.weight"])
     mid = next(w for w in opt.subspaces if w.name == "mid.weight")
-    saved = next(s for s in state["weights"] if s["name"] == "mid.weight")
-    assert mid.step == int(saved["step"])
+    saved = saved_weight(opt, state, "mid.weight")
+    assert mid.step == int(saved["gems"]["step"])
     assert len(mid.coords) == 3
-    for c in mid.coords.values():
-        idx = [i for i, p in enumerate(p for g in opt.param_groups for p in g["params"]) if p is c][0]
-        before = state["inner"]["state"][idx]
+    for s, c in mid.coords.items():
+        before = saved["coords"][s]
         after = opt.inner.state[c]
         assert torch.equal(before["exp_avg"], after["exp_avg"]) and torch.equal(before["step"], after["step"])
     assert not torch.equal(model.inp.weight, params["inp.weight"])  # the finite weights still moved

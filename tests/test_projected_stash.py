@@ -9,7 +9,7 @@ from torch import nn
 
 import gems
 from gems import reference
-from helpers import make_model, make_opt, task_batches, task_losses, train
+from helpers import make_model, make_opt, saved_weight, task_batches, task_losses, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny SVDs: see conftest.one_thread
 
@@ -97,7 +97,7 @@ def test_projected_non_finite_gradient_skips_the_weight_untouched():
     assert opt.last_skipped == ["mid.weight"]
     assert torch.equal(model.mid.weight, params["mid.weight"])
     mid = next(w for w in opt.subspaces if w.name == "mid.weight")
-    assert mid.step == int(next(s for s in state["weights"] if s["name"] == "mid.weight")["step"])
+    assert mid.step == int(saved_weight(opt, state, "mid.weight")["gems"]["step"])
     assert not torch.equal(model.inp.weight, params["inp.weight"])
 
 
@@ -207,7 +207,8 @@ def test_target_embeddings_projects_the_tied_embedding():
     assert all(last[t] < 0.8 * first[t] for t in first), (first, last)
     assert len(emb.coords) == 3
     assert all(tuple(opt.state[c]["exp_avg"].shape) == emb.coord_shape(s) for s, c in emb.coords.items())
-    assert model.embed.weight not in opt.state  # not stepped as a plain parameter
+    assert model.embed.weight not in opt.inner.state  # not stepped as a plain parameter
+    assert set(opt.state[model.embed.weight]["coords"]) == set(emb.coords)  # torch's view: by the model's weight
     assert model.embed.weight is model.head.weight
 
 

@@ -1,12 +1,13 @@
 """Checkpoints: plain-value state dicts, weights_only round trip, fp32 state with bf16 params, bit-exact resume."""
 import copy
 import io
+from pathlib import Path
 
 import pytest
 import torch
 
 import gems
-from helpers import make_model, make_opt, task_batches, train
+from helpers import make_model, make_opt, saved_weight, task_batches, task_losses, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny SVDs: see conftest.one_thread
 
@@ -34,15 +35,22 @@ def test_state_dict_is_plain_deterministic_and_weights_only():
     sd = opt.state_dict()
     assert _is_plain(sd)
     again = opt.state_dict()
-    assert torch.equal(sd["weights"][0]["bases"]["shared"], again["weights"][0]["bases"]["shared"])
+    names = [w.name for w in opt.subspaces]
+    assert torch.equal(saved_weight(opt, sd, names[0])["gems"]["bases"]["shared"],
+                       saved_weight(opt, again, names[0])["gems"]["bases"]["shared"])
     loaded = _roundtrip(sd)
-    assert loaded["config"] == sd["config"] and loaded["format_version"] == 1
-    assert len(sd["weights"]) == len(loaded["weights"]) == 3
-    for a, b in zip(sd["weights"], loaded["weights"]):
-        assert a["name"] == b["name"] and torch.equal(a["step"], b["step"]) and int(a["step"]) == 6
-        assert set(a["bases"]) == set(b["bases"]) == {"shared", "a", "b"}
+    assert loaded["config"] == sd["config"] and loaded["format_version"] == 2
+    # torch's layout: every model parameter in param_groups, its state keyed by its position there
+    params = [p for g in opt.param_groups for p in g["params"]]
+    assert [p for g in loaded["param_groups"] for p in g["params"]] == list(range(len(params)))
+    assert len(params) == len(list(model.parameters())) and set(loaded["state"]) == set(range(len(params)))
+    for name in names:
+        a, b = saved_weight(opt, sd, name)["gems"], saved_weight(opt, loaded, name)["gems"]
+        assert torch.equal(a["step"], b["step"]) and int(a["step"]) == 6
+        assert set(a["bases"]) == set(b["bases"]) == {"shared", "a", "b"} and all(b["has_basis"].values())
         for k in a["bases"]:
             assert torch.equal(a["bases"][k], b["bases"][k])
+        assert set(saved_weight(opt, loaded, name)["coords"]) == {"shared", "a", "b"}
 
 
 @pytest.mark.parametrize("gap", [4, 7])
@@ -95,11 +103,11 @@ def test_older_state_dicts_without_optional_keys_load():
     opt = make_opt(model)
     train(model, opt, task_batches(2, seed=33))
     sd = copy.deepcopy(opt.state_dict())
-    for key in ("format_version", "seed", "last_gates", "config"):
+    for key in ("format_version", "tasks", "last_gates", "config"):  # what DCP does not keep
         sd.pop(key)
-    for w in sd["weights"]:
-        w.pop("ranks")
-        w.pop("side")
+    for name in [w.name for w in opt.subspaces]:
+        for key in ("ranks", "left_side", "seed", "has_basis", "next_refresh", "gap_factor"):
+            saved_weight(opt, sd, name)["gems"].pop(key)
     opt2 = make_opt(make_model(33))
     opt2.load_state_dict(sd)
     assert [w.step for w in opt2.subspaces] == [w.step for w in opt.subspaces] == [2, 2, 2]
@@ -122,3 +130,49 @@ def test_mismatched_state_dicts_raise():
     newer = dict(sd, format_version=99)
     with pytest.raises(ValueError, match="Upgrade gems"):
         opt.load_state_dict(newer)
+
+
+def test_a_format_1_checkpoint_still_loads_and_resumes_bit_exactly():
+    """tests/data/gems_state_v1.pt: 6 steps written by gems before torch's layout (format 1: weights +
+    inner); gems_state_v1_after8.pt: the weights 8 steps later, trained without interruption."""
+    data = Path(__file__).parent / "data"
+    ckpt = torch.load(data / "gems_state_v1.pt", weights_only=True)
+    assert ckpt["opt"]["format_version"] == 1 and "weights" in ckpt["opt"]
+    model = make_model(1)
+    model.load_state_dict(ckpt["model"])
+    opt = make_opt(model, update_proj_gap=4, inner_kw={"lr": 1e-2, "weight_decay": 0.01})
+    opt.load_state_dict(ckpt["opt"])
+    train(model, opt, task_batches(14, seed=77)[6:])
+    # written with 2 threads, read here with one (conftest.one_thread): equal up to summation order
+    for name, ref in torch.load(data / "gems_state_v1_after8.pt", weights_only=True).items():
+        torch.testing.assert_close(model.state_dict()[name], ref, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_resume_with_a_scheduler_and_decay_is_bit_exact():
+    """torch's load_state_dict replaces the inner optimizer's group dicts: the scheduler (writing
+    opt.param_groups) and the targeted weights' decay (reading their group's lr) must follow them."""
+    def run(model, opt, sched, batches):
+        for batch in batches:
+            opt.backward(task_losses(model, batch))
+            opt.step()
+            sched.step()
+            opt.zero_grad()
+
+    batches = task_batches(12, seed=35)
+    kw = {"update_proj_gap": 4, "inner_kw": {"lr": 1e-2, "weight_decay": 0.5}}
+    model = make_model(35)
+    opt = make_opt(model, **kw)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+    run(model, opt, sched, batches[:5])
+    ckpt = _roundtrip({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict()})
+    run(model, opt, sched, batches[5:])
+    fresh = make_model(998)
+    fresh.load_state_dict(ckpt["model"])
+    fresh_opt = make_opt(fresh, **kw)
+    fresh_sched = torch.optim.lr_scheduler.StepLR(fresh_opt, step_size=2, gamma=0.5)
+    fresh_opt.load_state_dict(ckpt["opt"])
+    fresh_sched.load_state_dict(ckpt["sched"])
+    run(fresh, fresh_opt, fresh_sched, batches[5:])
+    assert fresh_opt.param_groups[0]["lr"] == opt.param_groups[0]["lr"] == pytest.approx(1e-2 * 0.5 ** 6)
+    for (n, p), q in zip(model.named_parameters(), fresh.parameters()):
+        assert torch.equal(p, q), n

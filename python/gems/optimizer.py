@@ -22,6 +22,7 @@ from gems import nullspace as nsp
 from gems.config import GemsConfig
 from gems.dispatch import requested_backend, resolve_backend
 from gems.subspaces import WeightSubspaces, clamp_report
+from gems.surface import ParamGroupView, StateView
 from gems.targets import TargetSpec, select_linear_modules, unwrap
 from gems.tasks import TaskGradients
 
@@ -208,6 +209,8 @@ class GemsOptimizer(torch.optim.Optimizer):
         """Replace each targeted weight in the inner optimizer by its coordinate tensors, in place, so the
         number and order of param groups (what LR schedulers and state dicts key on) stay the same."""
         by_id = {id(w.param): w for w in self._subspaces}
+        self._group_views = [ParamGroupView(group, list(group["params"])) for group in self.inner.param_groups]
+        self._state_view = StateView(self)
         for group in self.inner.param_groups:
             params = []
             for p in group["params"]:
@@ -261,20 +264,25 @@ class GemsOptimizer(torch.optim.Optimizer):
     # ----------------------------------------------------------------------------------------------
     # torch.optim.Optimizer surface
     @property
-    def param_groups(self) -> list[dict[str, Any]]:
-        return self.inner.param_groups
+    def param_groups(self) -> list[ParamGroupView]:
+        """The inner optimizer's groups with ``"params"`` = the model's parameters (gems.surface): LR
+        schedulers write the inner lr, and torch tooling maps state to the model through them."""
+        return self._group_views
 
     @param_groups.setter
     def param_groups(self, value) -> None:
-        self.inner.param_groups = value
+        if value is not self.__dict__.get("_group_views"):
+            raise TypeError("GemsOptimizer's param groups are fixed at construction (set a group's lr in place)")
 
     @property
-    def state(self):
-        return self.inner.state
+    def state(self) -> StateView:
+        """Per model parameter, like torch's (gems.surface.StateView); ``opt.inner.state`` is the inner
+        optimizer's own, keyed by coordinate tensors."""
+        return self._state_view
 
     @state.setter
     def state(self, value) -> None:
-        self.inner.state = value
+        raise TypeError("set the state with opt.load_state_dict(...)")
 
     @property
     def defaults(self) -> dict[str, Any]:
@@ -398,6 +406,9 @@ class GemsOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if checkpoint.is_state_init(self):
+            checkpoint.init_state(self)
+            return loss
         from_stash = not self._task_grads.empty
         per_weight, shared_w = collect.gather_gradients(self)
         try:

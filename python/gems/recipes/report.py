@@ -125,7 +125,12 @@ def _verdict(report: dict[str, Any], rows: list[dict[str, Any]], cis: list[dict[
         comp = ", ".join(f"{n} {by[n][key][0]:.4f}" for n in refs)
         above = [n for n in refs if best[key][0] > by[n][key][0]]
         lines.append(f"{task}: the best LLM method is {best['method']} (NDCG@10 {best[key][0]:.4f}); {comp}; "
-                     f"above {', '.join(above) if above else 'none of them'}.")
+                     f"mean above {', '.join(above) if above else 'none of them'}.")
+        # a mean above a baseline is not a win: GEMS' paired interval against each one says whether it is
+        for c in cis:
+            if c["metric"] == key and c["vs"] in refs:
+                lines.append(f"{key}: GEMS − {c['vs']} = {c['diff']:+.4f} [{c['lo']:+.4f}, {c['hi']:+.4f}] → "
+                             f"{_significance(c)} at 95 %.")
         pts = {r["method"]: (r[key][0], r["ppl_increase"][0]) for r in llm}
         front = pareto_front(pts)
         if "gems" in pts:
@@ -135,10 +140,13 @@ def _verdict(report: dict[str, Any], rows: list[dict[str, Any]], cis: list[dict[
     if cis:
         for c in cis:
             if c["vs"] in by and by[c["vs"]]["kind"] == "llm" and c["metric"].endswith("ndcg@10"):
-                sig = "better" if c["lo"] > 0 else "worse" if c["hi"] < 0 else "not distinguishable"
                 lines.append(f"{c['metric']}: GEMS − {c['vs']} = {c['diff']:+.4f} [{c['lo']:+.4f}, {c['hi']:+.4f}] "
-                             f"→ {sig} at 95 %.")
+                             f"→ {_significance(c)} at 95 %.")
     return lines
+
+
+def _significance(c: dict[str, Any]) -> str:
+    return "better" if c["lo"] > 0 else "worse" if c["hi"] < 0 else "not distinguishable"
 
 
 COLS = ("method", "lr", "rec/ndcg@10", "rec/hr@10", "search/ndcg@10", "search/hr@10", "rec/sampled/ndcg@10",

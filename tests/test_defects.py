@@ -272,3 +272,20 @@ def test_second_step_without_backward_steps_nothing():
     after_one = [p.detach().clone() for p in model.parameters()]
     opt.step()
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), after_one))
+
+
+def test_fsdp2_sharded_parameters_are_refused_clearly(tmp_path):
+    """fully_shard turns parameters into DTensors holding one rank's rows: bases and projections computed on
+    them would be the shard's, so GEMS refuses them at construction instead of training on them."""
+    from torch.distributed.fsdp import fully_shard
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        model = make_model(60)
+        fully_shard(model.mid)  # one sharded Linear is enough (fully_shard refuses the 0-d gain)
+        inner = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        groups = [list(g["params"]) for g in inner.param_groups]
+        with pytest.raises(NotImplementedError, match="DTensor.*FSDP2"):
+            gems.GemsOptimizer(inner, model=model, tasks=["a", "b"], rank=4, task_rank=2)
+        assert [list(g["params"]) for g in inner.param_groups] == groups  # the inner optimizer untouched
+    finally:
+        dist.destroy_process_group()

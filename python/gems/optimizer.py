@@ -30,6 +30,14 @@ FORMAT_VERSION = checkpoint.FORMAT_VERSION
 _OPTIONS = frozenset(f.name for f in dataclasses.fields(GemsConfig)) - {"backend"}  # opt.backend: the resolved one
 
 
+def _is_dtensor(p: Tensor) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch built without distributed
+        return False
+    return isinstance(p, DTensor)
+
+
 class GemsOptimizer(torch.optim.Optimizer):
     """Wraps ``inner`` (any torch optimizer instance) so that every targeted weight is trained in a shared
     low-rank subspace plus one low-rank subspace per task.
@@ -171,6 +179,12 @@ class GemsOptimizer(torch.optim.Optimizer):
             if p.device.type == "meta":
                 raise ValueError(f"parameter {i} {tuple(p.shape)} is on the meta device: materialise the model "
                                  "(e.g. model.to_empty(device=...) and load its weights) before building GEMS")
+            if _is_dtensor(p):
+                # the bases and projections would be computed on each rank's shard, not on the weight
+                raise NotImplementedError(
+                    f"parameter {i} {tuple(p.shape)} is a DTensor (FSDP2 fully_shard, or tensor parallel): GEMS "
+                    "does not step sharded parameters yet (design: docs/design_notes.md, 'FSDP2'). Train with "
+                    "DDP, or plain data parallelism, whose gradients GEMS averages itself (gems.distributed)")
 
     def _build_subspaces(self, model: nn.Module | None, target_modules: TargetSpec) -> list[WeightSubspaces]:
         cfg = self.config

@@ -18,7 +18,7 @@ What it overrides and why
     * ``create_optimizer``: builds the inner optimizer the usual way (``args.optim``, learning rate,
       weight-decay groups) — or takes the one passed as ``optimizers=(inner, None)`` or ``inner_optimizer=``
       — and wraps it in :class:`gems.GemsOptimizer` (``gems_kwargs`` are its options). Schedulers from
-      ``create_scheduler`` attach to the GEMS optimizer (its ``param_groups`` are the inner's).
+      ``create_scheduler`` attach to the GEMS optimizer (its ``param_groups`` write the inner's).
     * ``training_step``: one forward over the mixed batch and one backward for all tasks
       (``opt.backward(row_losses, task_ids=..., row_weights=label tokens)``, see gems.split_backward);
       ``one_backward=False``, or targeted weights that cannot be split by rows (``target_embeddings=True``),

@@ -645,7 +645,8 @@ def optimizer_state_mib(opt: Any) -> float:
     inner = getattr(opt, "optimizer", None) if hasattr(opt, "protect") else None
     opt = inner or opt
     seen: set[int] = set()
-    total = E.state_bytes(getattr(opt, "state", {}), seen)
+    # GEMS: the inner optimizer's state over coordinates (opt.state's entries by weight hold copies of the bases)
+    total = E.state_bytes(getattr(getattr(opt, "inner", opt), "state", {}), seen)
     for w in getattr(opt, "subspaces", []) if hasattr(opt, "subspaces") else []:
         total += E.state_bytes(dict(w.bases), seen)
     return total / 2**20

@@ -241,7 +241,7 @@ def init_state(opt: "GemsOptimizer") -> None:
 def is_state_init(opt: "GemsOptimizer") -> bool:
     """Whether this step is DCP's state initialisation: nothing stepped yet, nothing stashed, every lr 0
     and every ``.grad`` set is zero (no real training step looks like that)."""
-    if opt.state or not opt._task_grads.empty:
+    if not opt._task_grads.empty or opt.state:  # the stash first: an ordinary step costs one check
         return False
     if any(float(g["lr"]) != 0 for g in opt.inner.param_groups):
         return False

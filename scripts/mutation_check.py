@@ -80,7 +80,8 @@ MUTATIONS: dict[str, list[tuple[str, str, str]]] = {
     "DCP template: created step counters kept": [
         (CKPT, 'st["step"] = st["step"].zero_() if isinstance(st["step"], Tensor) else type(st["step"])(0)', "pass")],
     "torch layout: coordinate states swapped": [
-        (CKPT, '        entry["coords"] = {s: inner["state"][i]', '        entry["coords"] = {s: inner["state"][len(flat) - 1 - i]')],
+        (CKPT, '"coords": coords[id(w.param)]}',
+         '"coords": dict(zip(coords[id(w.param)], reversed(list(coords[id(w.param)].values()))))}')],
     "fused: counters edited by hand not noticed": [(FUSED, "    return torch.equal(buf, plan.expected)", "    return True")],
     "fused: moments replaced by hand not noticed": [
         (FUSED, 'if any(st["exp_avg"] is not m or st["exp_avg_sq"] is not v', 'if False and any(st["exp_avg"] is not m')],

@@ -25,19 +25,22 @@ BASIS_TOL = 1e-3  # saved subspace bases: fp32 bases written by torch.save and r
 
 def weight_state(opt: "GemsOptimizer", w: WeightSubspaces) -> dict[str, Any]:
     """A targeted weight's state, as ``opt.state[W]`` and the state dict hold it: GEMS' own under
-    ``"gems"`` (step, refresh schedule, seed, shape, side, ranks, bases) and the inner optimizer's state of
-    each coordinate tensor under ``"coords"``. A basis not computed yet is a zero placeholder of its shape
-    with ``has_basis`` False, so the dict of a fresh optimizer is a complete template for
-    ``torch.distributed.checkpoint.load`` (which fills only the entries it is given)."""
+    ``"gems"`` (gems_entry) and the inner optimizer's state of each coordinate tensor under ``"coords"``."""
+    return {"gems": gems_entry(opt, w),
+            "coords": {s: opt.inner.state[c] for s, c in w.coords.items() if c in opt.inner.state}}
+
+
+def gems_entry(opt: "GemsOptimizer", w: WeightSubspaces) -> dict[str, Any]:
+    """Step, refresh schedule, seed, shape, side, ranks and bases of one weight. A basis not computed yet is
+    a zero placeholder of its shape with ``has_basis`` False, so the dict of a fresh optimizer is a complete
+    template for ``torch.distributed.checkpoint.load`` (which fills only the entries it is given)."""
     dim = reference.side_dim(w.param.shape, w.side)
     bases = {s: (b.clone() if b is not None else torch.zeros(dim, w.ranks[s], device=w.param.device))
              for s, b in w.bases.items() if w.ranks[s] > 0}
-    return {"gems": {"step": torch.tensor(w.step, dtype=torch.int64), "next_refresh": w.next_refresh,
-                     "gap_factor": w.gap_factor, "seed": opt.config.seed,
-                     "shape": torch.tensor(list(w.param.shape), dtype=torch.int64), "left_side": w.side == "left",
-                     "ranks": dict(w.ranks), "bases": bases,
-                     "has_basis": {s: w.bases[s] is not None for s in bases}},
-            "coords": {s: opt.inner.state[c] for s, c in w.coords.items() if c in opt.inner.state}}
+    return {"step": torch.tensor(w.step, dtype=torch.int64), "next_refresh": w.next_refresh,
+            "gap_factor": w.gap_factor, "seed": opt.config.seed,
+            "shape": torch.tensor(list(w.param.shape), dtype=torch.int64), "left_side": w.side == "left",
+            "ranks": dict(w.ranks), "bases": bases, "has_basis": {s: w.bases[s] is not None for s in bases}}
 
 
 def _inner_slots(opt: "GemsOptimizer") -> list[list[tuple[Tensor, str | None]]]:
@@ -68,15 +71,16 @@ def state_dict(opt: "GemsOptimizer") -> dict[str, Any]:
         group["params"] = [pid.setdefault(id(p), len(pid)) for p in view["params"]]
         groups.append(group)
     state: dict[int, Any] = {}
+    coords: dict[int, dict[str, Any]] = {id(w.param): {} for w in opt._subspaces}
     flat = [slot for slots in _inner_slots(opt) for slot in slots]
-    for i, (p, s) in enumerate(flat):
-        if s is None and i in inner["state"]:
-            state[pid[id(p)]] = inner["state"][i]
+    for i, (p, s) in enumerate(flat):  # inner ids are positions in this order
+        if i in inner["state"]:
+            if s is None:
+                state[pid[id(p)]] = inner["state"][i]
+            else:
+                coords[id(p)][s] = inner["state"][i]
     for w in opt._subspaces:
-        entry = weight_state(opt, w)
-        entry["coords"] = {s: inner["state"][i] for i, (p, s) in enumerate(flat)
-                           if p is w.param and i in inner["state"]}
-        state[pid[id(w.param)]] = entry
+        state[pid[id(w.param)]] = {"gems": gems_entry(opt, w), "coords": coords[id(w.param)]}
     return {"state": state, "param_groups": groups, "format_version": FORMAT_VERSION,
             "tasks": list(opt.config.tasks), "config": opt.config.saved(), "last_gates": dict(opt.last_gates)}
 
@@ -192,11 +196,12 @@ def _split_torch_layout(opt: "GemsOptimizer", state_dict: Mapping[str, Any]) -> 
 def _relink_groups(opt: "GemsOptimizer") -> None:
     """torch's load_state_dict replaces the inner optimizer's group dicts by new ones: point the views and
     each weight's group (its lr and weight_decay) at them, or a scheduler would write the old ones."""
+    targeted = {id(w.param): w for w in opt._subspaces}
     for view, group in zip(opt.param_groups, opt.inner.param_groups):
         view.inner_group = group
-    for w in opt._subspaces:
-        coord = next(iter(w.coords.values()))
-        w.group = next(g for g in opt.inner.param_groups if any(c is coord for c in g["params"]))
+        for p in view["params"]:
+            if id(p) in targeted:
+                targeted[id(p)].group = group
 
 
 def _install(opt: "GemsOptimizer", saved: list[Mapping], seed: int) -> None:

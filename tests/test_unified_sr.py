@@ -362,3 +362,77 @@ def test_run_log_resumes_only_same_config_and_survives_a_cut_line(tmp_path):
     other = U.parse_args(["--preset", "smoke", "--out", str(tmp_path), "--steps", "5"])
     assert U.RunLog(path, other, fresh=False, fingerprint="a").get("grid", "gems", 1e-3, 0) is None
     assert U.RunLog(path, cfg, fresh=True, fingerprint="a").get("grid", "gems", 1e-3, 0) is None
+
+
+@pytest.mark.parametrize("item_init", ["collab", "title"])
+def test_item_start_and_heads_are_wired_from_the_training_split(tmp_path, item_init):
+    """Item tokens = title means (+ the injected left factors), the search head starts at the title means, the
+    rec head scores against the right factors with the start's hidden statistics and trains at its own lr."""
+    from gems.recipes import data as D
+    from gems.recipes.collab import inject_factors, transition_factors
+    from gems.recipes.methods import Hyper, build_method
+
+    _synthetic(tmp_path)
+    _tiny_model(tmp_path / "model")
+    cfg = U.parse_args(["--interactions", str(tmp_path / "inter.csv"), "--items", str(tmp_path / "items.csv"),
+                        "--model", str(tmp_path / "model"), "--window", "4", "--val-users", "4", "--eval-users", "0", "--num-negatives", "1",
+                        "--head-init", "0.5", "--collab-weight", "0.7", "--rec-head-lr", "2e-3", "--head-lr", "4e-5",
+                        "--item-init", item_init])
+    data = D.load_interactions(cfg.interactions, cfg.items)
+    model, tok, ids = U.load_fresh(cfg, data.titles())
+    titles = model.get_input_embeddings().weight[ids].detach().clone()
+    prep = U.prepare(cfg, tok, ids, data)
+    U.init_items(model, prep, cfg)
+    rows = model.get_input_embeddings().weight[ids].detach()
+    torch.testing.assert_close(prep.title_rows, titles, rtol=0, atol=0)
+    if item_init == "title":
+        assert prep.factors is None
+        torch.testing.assert_close(rows, titles, rtol=0, atol=0)
+    else:
+        # factors come from the training split only (the leave-one-out targets never enter a count)
+        idx = {it: k for k, it in enumerate(data.items)}
+        want = transition_factors({u: [idx[i] for i in s] for u, s in prep.loo.train.items()}, len(data.items), 6)
+        for got, w in zip(prep.factors, want):
+            torch.testing.assert_close(got, w)
+        torch.testing.assert_close(rows, inject_factors(titles, want[0], 0.7, seed=cfg.data_seed))
+        assert not torch.allclose(rows, titles)
+    # a second fresh model gets the same start (every method starts from it)
+    again, _, _ = U.load_fresh(cfg, data.titles())
+    U.init_items(again, prep, cfg)
+    torch.testing.assert_close(again.get_input_embeddings().weight[ids], rows, rtol=0, atol=0)
+
+    mean, std = prep.hidden_stats
+    assert mean.shape == std.shape == (16,) and bool((std > 0).all())
+    head = U.new_head(cfg, prep, model)
+    torch.testing.assert_close(head["search"].weight.detach(), 0.5 * titles)
+    vectors = titles if item_init == "title" else prep.factors[1]
+    torch.testing.assert_close(head["rec"].items, vectors / vectors.norm(dim=1, keepdim=True).clamp_min(1e-6))
+    torch.testing.assert_close(head["rec"].center, mean, rtol=0, atol=0)
+    torch.testing.assert_close(head["rec"].scale, std, rtol=0, atol=0)
+    hp = Hyper(**{f: getattr(cfg, f) for f in ("item_lr", "head_lr", "weight_decay", "rank", "task_rank")})
+    _, opt, info = build_method("adamw", model, ids, 1e-4, hp, extra=U.head_groups(head, cfg))
+    lr_of = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    assert lr_of[id(head["rec"].map)] == 2e-3 and lr_of[id(head["search"].weight)] == 4e-5
+    assert all(g["weight_decay"] == 0.0 for g in opt.param_groups if any(p is head["rec"].map for p in g["params"]))
+    assert info["trainable_params"] >= sum(p.numel() for p in head.parameters())
+
+
+def test_hidden_stats_are_the_start_models_per_dimension_moments(tmp_path):
+    from gems.recipes import data as D
+
+    _synthetic(tmp_path)
+    _tiny_model(tmp_path / "model")
+    cfg = U.parse_args(["--interactions", str(tmp_path / "inter.csv"), "--items", str(tmp_path / "items.csv"),
+                        "--model", str(tmp_path / "model"), "--window", "4", "--val-users", "4", "--eval-users", "0", "--num-negatives", "1",
+                        "--head-stats", "1000"])
+    data = D.load_interactions(cfg.interactions, cfg.items)
+    model, tok, ids = U.load_fresh(cfg, data.titles())
+    prep = U.prepare(cfg, tok, ids, data)
+    U.init_items(model, prep, cfg)
+    # every training window (head_stats exceeds their number), every real position, unpadded one by one
+    with torch.no_grad():
+        hs = torch.cat([model.get_decoder()(input_ids=torch.tensor([r.ids])).last_hidden_state[0]
+                        for r in prep.rec_rows])
+    mean, std = prep.hidden_stats
+    torch.testing.assert_close(mean, hs.mean(0), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(std, hs.std(0), atol=1e-4, rtol=1e-4)

@@ -5,7 +5,7 @@ Every method trains the same model under the same rules, so what differs is the 
   without weight decay; the text-token rows stay frozen (a gradient mask; LoRA gets the same rows through
   PEFT's ``trainable_token_indices``), so no method can win or lose by rewriting the vocabulary;
 - the task heads (:class:`gems.recipes.model.TaskHeads`: search an ``ItemHead``, rec a ``BilinearItemHead``)
-  train at the shared ``head_lr``;
+  train at the shared head lrs (search ``head_lr``, rec its own: the recipe passes them as groups);
 - the body (everything else) is trained at the method's own tuned ``lr``, AdamW betas (0.9, 0.999),
   eps 1e-6, weight decay 0.01 (the GEMS authors' values);
 - GaLore's rank is GEMS' shared rank plus one task rank per task, so both methods optimise in subspaces
@@ -136,13 +136,24 @@ def _mask_text_rows(model: nn.Module, item_ids: Sequence[int]) -> nn.Parameter:
     return emb
 
 
+def _extra_groups(extra: Sequence[Any], hp: Hyper) -> list[dict[str, Any]]:
+    """``extra`` as parameter groups without decay: parameters join one group at ``head_lr``; dicts (groups
+    with their own ``lr``) are kept."""
+    groups = [{"weight_decay": 0.0, **g, "params": list(g["params"])} for g in extra if isinstance(g, dict)]
+    loose = [p for p in extra if not isinstance(p, dict)]
+    if loose:
+        groups.append({"params": loose, "lr": hp.head_lr, "weight_decay": 0.0})
+    return [g for g in groups if g["params"]]
+
+
+def _extra_numel(extra: Sequence[Any]) -> int:
+    return sum(p.numel() for g in _extra_groups(extra, Hyper(item_lr=1.0)) for p in g["params"])
+
+
 def _groups(body: list[nn.Parameter], items: list[nn.Parameter], lr: float, hp: Hyper,
-            extra: Sequence[nn.Parameter] = ()) -> list[dict[str, Any]]:
-    groups = [{"params": body, "lr": lr, "weight_decay": hp.weight_decay},
-              {"params": items, "lr": hp.item_lr, "weight_decay": 0.0}]
-    if extra:
-        groups.append({"params": list(extra), "lr": hp.head_lr, "weight_decay": 0.0})
-    return groups
+            extra: Sequence[Any] = ()) -> list[dict[str, Any]]:
+    return [{"params": body, "lr": lr, "weight_decay": hp.weight_decay},
+            {"params": items, "lr": hp.item_lr, "weight_decay": 0.0}] + _extra_groups(extra, hp)
 
 
 def _protected(model: nn.Module, nullspace: Any) -> dict[nn.Parameter, torch.Tensor]:
@@ -156,10 +167,11 @@ def _protected(model: nn.Module, nullspace: Any) -> dict[nn.Parameter, torch.Ten
 
 
 def build_method(name: str, model: nn.Module, item_ids: Sequence[int], lr: float, hp: Hyper,
-                 nullspace: Any = None, extra: Sequence[nn.Parameter] = ()) -> tuple[nn.Module, Any, dict[str, Any]]:
+                 nullspace: Any = None, extra: Sequence[Any] = ()) -> tuple[nn.Module, Any, dict[str, Any]]:
     """(model to train, optimizer, info) for method ``name``; LoRA returns the PEFT-wrapped model.
 
-    ``extra``: the item head's parameters (their own group at ``head_lr``, no decay)."""
+    ``extra``: the item heads' parameters (one group at ``head_lr``) or parameter groups with their own
+    ``lr`` (no decay either way)."""
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
     spec = METHODS[name]
@@ -183,14 +195,13 @@ def build_method(name: str, model: nn.Module, item_ids: Sequence[int], lr: float
         if not items or not body:
             raise RuntimeError("PEFT gave no trainable item rows or no LoRA weights")
         opt = torch.optim.AdamW(_groups(body, items, lr, hp, extra), **adam)
-        info["trainable_params"] = sum(p.numel() for p in body + items + list(extra))
+        info["trainable_params"] = sum(p.numel() for p in body + items) + _extra_numel(extra)
         return model, opt, info
 
     emb = _mask_text_rows(model, item_ids)
     body = [p for p in model.parameters() if p.requires_grad and p is not emb]
     items = [emb]
-    info["trainable_params"] = sum(p.numel() for p in body) + len(item_ids) * emb.shape[1] + sum(
-        p.numel() for p in extra)
+    info["trainable_params"] = sum(p.numel() for p in body) + len(item_ids) * emb.shape[1] + _extra_numel(extra)
     if spec.optimizer == "adamw":
         return model, torch.optim.AdamW(_groups(body, items, lr, hp, extra), **adam), info
     total_rank = hp.rank + len(TASKS) * hp.task_rank

@@ -74,7 +74,8 @@ TASKS = ("search", "rec")  # GEMS task order; diagnostics keys read "cos/search-
 # options added without a version bump: at this value a run is what it was before the option existed, so the
 # option stays out of the run-log key and logs written before it keep resuming
 _NEW_AT_DEFAULT = {"moments": "fp32"}
-RECIPE_VERSION = 3  # bump when a change alters what a finished run in a run log would contain (2: GEMS one backward; 3: task heads)
+RECIPE_VERSION = 4  # bump when a change alters what a finished run in a run log would contain (2: GEMS one backward; 3: task heads;
+                    # 4: collaborative item tokens, standardised rec head at its own lr)
 
 
 # ------------------------------------------------------------------------------------------------ config
@@ -90,7 +91,12 @@ class Config:
     window: int = 12
     search_history: int = 3
     item_lr: float = 3e-3
-    head_lr: float = 3e-5                    # both heads; 3e-4 scored lower on validation (0.137 vs 0.155, adamw pilot)
+    head_lr: float = 3e-5                    # the search head; 3e-4 scored lower on validation (0.137 vs 0.155, adamw pilot)
+    rec_head_lr: float = 1e-3                # the rec head's map A (starts at 0, so it must move to matter)
+    item_init: str = "collab"                # title: item tokens start at their title's mean embedding; collab: + factors
+    collab_dim: int = 64                     # rank of the training split's next-item PPMI factorisation (gems.recipes.collab)
+    collab_weight: float = 1.0               # injected factor norm / title-mean norm
+    head_stats: int = 128                    # training windows whose hidden states standardise the rec head's input
     head_init: float = 1.0                   # the search head's W starts at head_init × the item rows
     rec_head: str = "bilinear"               # bilinear: h·A·e_j + prior, A = 0 at the start; rows: an ItemHead
     rec_head_init: float = 0.0               # rows: the rec head's W starts at rec_head_init × the item rows
@@ -179,7 +185,8 @@ def _ints(text: str) -> tuple[int, ...]:
     return tuple(dict.fromkeys(vals))
 
 
-_OVERRIDABLE = ("steps", "rec_batch", "search_batch", "window", "search_history", "item_lr", "head_lr", "head_init", "rec_head", "rec_head_init", "moments", "item_scores", "weight_decay", "warmup",
+_OVERRIDABLE = ("steps", "rec_batch", "search_batch", "window", "search_history", "item_lr", "head_lr", "rec_head_lr", "item_init", "collab_dim", "collab_weight",
+                "head_stats", "head_init", "rec_head", "rec_head_init", "moments", "item_scores", "weight_decay", "warmup",
                 "rank", "task_rank", "gap", "lora_r", "refresh", "val_users", "val_points", "num_negatives",
                 "ns_threshold", "ns_mode", "calib_texts", "ppl_texts", "cloze_items", "text_length", "eval_batch_size",
                 "data_seed", "device", "threads", "model", "interactions", "items", "out", "tag")
@@ -233,6 +240,10 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         p.error("--task-rank, --cloze-items and --search-history must be >= 0 and --item-lr > 0")
     if cfg.item_scores not in ("head", "tied"):
         p.error("--item-scores must be head or tied")
+    if cfg.item_init not in ("title", "collab"):
+        p.error("--item-init must be title or collab")
+    if cfg.collab_dim < 1 or cfg.collab_weight < 0 or cfg.head_stats < 1 or cfg.rec_head_lr <= 0:
+        p.error("--collab-dim and --head-stats must be >= 1, --collab-weight >= 0 and --rec-head-lr > 0")
     if cfg.rec_head not in ("bilinear", "rows"):
         p.error("--rec-head must be bilinear or rows")
     if cfg.moments not in ("fp32", "8bit"):
@@ -291,6 +302,9 @@ class Prepared:
     test: dict[str, EvalSet]
     stats: dict[str, Any]
     log_prior: torch.Tensor                              # log(1 + training count) per item
+    factors: "tuple[torch.Tensor, torch.Tensor] | None"  # (left, right) collaborative item vectors, or None
+    title_rows: "torch.Tensor | None" = None             # the item tokens' title-mean rows (set by init_items)
+    hidden_stats: "tuple[torch.Tensor, torch.Tensor] | None" = None  # (mean, std) of the start's hidden states
     _search_cache: dict[int, TrainRow] = field(default_factory=dict)
 
     def search_row(self, k: int) -> TrainRow:
@@ -352,8 +366,14 @@ def prepare(cfg: Config, tokenizer: Any, item_tokens: Sequence[int], data: D.Int
              "test_users": len(test_users), "val_users": len(val_users),
              "rec_prompt_tokens_mean": round(sum(map(len, test["rec"].rows)) / test["rec"].n, 1),
              "search_prompt_tokens_mean": round(sum(map(len, test["search"].rows)) / test["search"].n, 1)}
-    pop = B.popularity({u: [idx[i] for i in s] for u, s in loo.train.items()}, len(data.items))
-    return Prepared(data, loo, prompts, rec_rows, pool, val, test, stats, torch.log1p(pop).float())
+    train_seqs = {u: [idx[i] for i in s] for u, s in loo.train.items()}
+    pop = B.popularity(train_seqs, len(data.items))
+    factors = None
+    if cfg.item_init == "collab":
+        from gems.recipes.collab import transition_factors
+
+        factors = transition_factors(train_seqs, len(data.items), min(cfg.collab_dim, len(data.items)))
+    return Prepared(data, loo, prompts, rec_rows, pool, val, test, stats, torch.log1p(pop).float(), factors)
 
 
 def _mean(xs: Sequence[float]) -> float:
@@ -399,6 +419,45 @@ def load_fresh(cfg: Config, titles: list[str]) -> tuple[Any, Any, list[int]]:
     ids = add_item_tokens(model, tokenizer, titles)
     model.config.use_cache = False
     return model.to(cfg.device), tokenizer, ids
+
+
+@torch.no_grad()
+def init_items(model: Any, prep: Prepared, cfg: Config) -> None:
+    """Give a freshly loaded model's item tokens the recipe's start (the same for every method): the title
+    means, plus the collaborative left factors when ``item_init == "collab"``. The first call also records
+    the title rows (the search head starts there) and the standardisation of the rec head's input."""
+    emb = model.get_input_embeddings().weight
+    ids = torch.as_tensor(prep.prompts.item_tokens, device=emb.device)
+    if prep.title_rows is None:
+        prep.title_rows = emb[ids].detach().float().cpu().clone()
+    if prep.factors is not None:
+        from gems.recipes.collab import inject_factors
+
+        if prep.factors[0].shape[1] > emb.shape[1]:  # a model narrower than the factors: keep the leading ones
+            prep.factors = tuple(f[:, :emb.shape[1]] for f in prep.factors)
+
+        rows = inject_factors(prep.title_rows, prep.factors[0], cfg.collab_weight, seed=cfg.data_seed)
+        emb[ids] = rows.to(emb.device, emb.dtype)
+    if prep.hidden_stats is None:
+        prep.hidden_stats = _hidden_stats(model, prep, cfg)
+
+
+@torch.no_grad()
+def _hidden_stats(model: Any, prep: Prepared, cfg: Config) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-dimension mean and std of the final hidden state over every position of a seeded sample of
+    training windows (the starting model; what the rec head standardises with)."""
+    rng = random.Random(f"gems-head-stats-{cfg.data_seed}")
+    rows = [prep.rec_rows[k].ids for k in rng.sample(range(len(prep.rec_rows)), min(cfg.head_stats, len(prep.rec_rows)))]
+    was = model.training
+    model.eval()
+    pad, hs = _pad_id(prep.prompts.tokenizer), []
+    for k in range(0, len(rows), cfg.eval_batch_size):
+        batch = E.collate_left(rows[k:k + cfg.eval_batch_size], pad, device=cfg.device)
+        h = model.get_decoder()(**batch, use_cache=False).last_hidden_state.float()
+        hs.append(h[batch["attention_mask"].bool()].cpu())
+    model.train(was)
+    h = torch.cat(hs)
+    return h.mean(0), h.std(0).clamp_min(1e-6)
 
 
 def _pad_id(tokenizer: Any) -> int:
@@ -505,11 +564,12 @@ def train_run(method: str, lr: float, seed: int, cfg: Config, prep: Prepared, ti
     torch.manual_seed(seed)
     random.seed(seed)
     model, tokenizer, ids = load_fresh(cfg, titles)
+    init_items(model, prep, cfg)
     hp = Hyper(**{f.name: getattr(cfg, f.name) for f in fields(Hyper) if f.name != "seed"}, seed=seed)
     spec = METHODS[method]
     head = new_head(cfg, prep, model)
     model, opt, info = build_method(method, model, ids, lr, hp, nullspace if spec.nullspace else None,
-                                    extra=list(head.parameters()) if head is not None else ())
+                                    extra=head_groups(head, cfg))
     model.train()
     sched = torch.optim.lr_scheduler.LambdaLR(opt.optimizer if hasattr(opt, "protect") else opt,
                                               lambda s: _cosine(s, cfg))
@@ -591,9 +651,14 @@ def new_head(cfg: Config, prep: Prepared, model: Any) -> Any:
         return None
     from gems.recipes.model import BilinearItemHead, ItemHead, TaskHeads
 
-    rows = model.get_input_embeddings().weight[prep.prompts.item_tokens].detach().float().cpu()
+    if prep.title_rows is None or prep.hidden_stats is None:
+        raise RuntimeError("new_head needs init_items(model, prep, cfg) first")
+    rows = prep.title_rows
     n, dim = len(prep.data.items), model.config.hidden_size
-    rec = (BilinearItemHead(rows, prep.log_prior) if cfg.rec_head == "bilinear"
+    # the rec head scores against the collaborative right factors when the tokens carry the left ones
+    vectors = rows if prep.factors is None else prep.factors[1]
+    mean, std = prep.hidden_stats
+    rec = (BilinearItemHead(vectors, prep.log_prior, hidden_size=dim, center=mean, scale=std) if cfg.rec_head == "bilinear"
            else ItemHead(n, dim, prep.log_prior, cfg.rec_head_init * rows))
     return TaskHeads({"search": ItemHead(n, dim, prep.log_prior, cfg.head_init * rows), "rec": rec}).to(cfg.device)
 
@@ -620,6 +685,14 @@ def gems_backward(opt: Any, per_target: torch.Tensor, rows: Sequence[tuple[str, 
             weights.append(r.targets / total)
             start += r.targets
     opt.backward(torch.stack(row_loss), task_ids=ids, row_weights=weights)
+
+
+def head_groups(head: Any, cfg: Config) -> list[dict[str, Any]]:
+    """The item heads' parameter groups: each head at its own lr (the rec map starts at 0 and must move)."""
+    if head is None:
+        return []
+    return [{"params": list(head[t].parameters()), "lr": cfg.rec_head_lr if t == "rec" else cfg.head_lr}
+            for t in head.heads]
 
 
 def _selection_score(val: dict[str, float], tasks: Sequence[str]) -> float:
@@ -743,6 +816,7 @@ def run(cfg: Config) -> dict[str, Any]:
         # the shared rule "only item rows of the vocabulary train" is written for tied embeddings
         raise DataError("the benchmark needs a model with tied input/output embeddings (tie_word_embeddings)")
     prep = prepare(cfg, tokenizer, ids, data)
+    init_items(base, prep, cfg)
     print(f"data: {prep.stats}", file=sys.stderr)
     pad_id = _pad_id(tokenizer)
     item_ids = torch.tensor(ids, dtype=torch.long, device=cfg.device)

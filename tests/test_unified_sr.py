@@ -1,4 +1,5 @@
 """The unified search + recommendation recipe: metrics, item-token loss, ranking, errors, and a --quick run."""
+import dataclasses
 import json
 import math
 import os
@@ -428,6 +429,9 @@ def test_hidden_stats_are_the_start_models_per_dimension_moments(tmp_path):
     data = D.load_interactions(cfg.interactions, cfg.items)
     model, tok, ids = U.load_fresh(cfg, data.titles())
     prep = U.prepare(cfg, tok, ids, data)
+    # rows of different lengths, so a batch is padded (padding must not enter the moments)
+    prep.rec_rows = [dataclasses.replace(r, ids=r.ids[:len(r.ids) - k % 3], targets=1) for k, r in enumerate(prep.rec_rows)]
+    assert len({len(r.ids) for r in prep.rec_rows}) > 1
     U.init_items(model, prep, cfg)
     # every training window (head_stats exceeds their number), every real position, unpadded one by one
     with torch.no_grad():

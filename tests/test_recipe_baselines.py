@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from gems.recipes.baselines import (
+    factor_scores,
     item_text,
     lexical_scores,
     popularity,
@@ -24,6 +25,22 @@ N = 5
 
 
 # ------------------------------------------------------------------------------------------- baselines
+def test_factor_scores_sum_the_tail_left_factors_against_the_right_ones():
+    g = torch.Generator().manual_seed(0)
+    left, right = torch.randn(N, 3, generator=g).double(), torch.randn(N, 3, generator=g).double()
+    pop = popularity(TRAIN, N)
+    got = factor_scores([[4, 0, 1, 2], [3], []], left, right, pop, last=3)
+    tie = 1e-6 * pop / (pop.max() + 1)
+    want = torch.stack([(left[0] + left[1] + left[2]) @ right.T,    # the tail only, not item 4
+                        left[3] @ right.T, torch.zeros(N, dtype=torch.float64)]) + tie
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    assert got[2].argmax() == pop.argmax()                    # an empty history falls back to popularity
+    with pytest.raises(ValueError, match="must both be items"):
+        factor_scores([[0]], left, right[:, :2], pop)
+    with pytest.raises(ValueError, match="out of range"):
+        factor_scores([[N]], left, right, pop)
+
+
 def test_popularity_counts():
     pop = popularity(TRAIN, N)
     assert pop.dtype == torch.float64

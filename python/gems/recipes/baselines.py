@@ -12,6 +12,10 @@ Baselines
     * Item-to-item transitions (:func:`transition_counts`, :func:`transition_scores`): a first-order
       Markov chain over the training sequences, summed over the last few history items. On
       MovieLens-style data this is a strong sequential baseline for next-item prediction.
+    * Transition factors (:func:`factor_scores`): the same history tail scored through a low-rank PPMI
+      factorisation of the transition counts (:func:`gems.recipes.collab.transition_factors`), which is
+      what the recipe's collaborative item tokens carry: the reference for how much of an LLM's
+      recommendation the injected factors alone explain.
     * Lexical search (:func:`lexical_scores`, :func:`item_text`): TF-IDF cosine between the query and the
       item's metadata text. The benchmark's queries are generated from the target's genres, year and
       title words (:class:`gems.recipes.data.QueryGenerator`), so exact word overlap is a strong reference
@@ -38,6 +42,7 @@ __all__ = [
     "transition_counts",
     "transition_scores",
     "popularity_scores",
+    "factor_scores",
     "lexical_scores",
     "item_text",
 ]
@@ -134,6 +139,27 @@ def transition_scores(histories: Sequence[Sequence[int]], counts: Tensor, pop: T
         if tail:
             out[i] += counts[torch.tensor(tail, dtype=torch.long)].sum(0)
     return out
+
+
+def factor_scores(histories: Sequence[Sequence[int]], left: Tensor, right: Tensor, pop: Tensor, *,
+                  last: int = 3) -> Tensor:
+    """Next-item scores ``[N, num_items]`` (float64): ``sum(left[h] for h in histories[i][-last:]) @ right.T``
+    plus the popularity tie-break scaled by 1e-6 (the scores are real-valued, so it only orders exact ties,
+    e.g. every item after an empty or unseen history)."""
+    if last < 0:
+        raise ValueError(f"last must be >= 0, got {last}")
+    left, right = torch.as_tensor(left, dtype=torch.float64), torch.as_tensor(right, dtype=torch.float64)
+    if left.dim() != 2 or left.shape != right.shape:
+        raise ValueError(f"left {tuple(left.shape)} and right {tuple(right.shape)} must both be items × dim")
+    num_items = left.shape[0]
+    tie = _LEXICAL_TIE_SCALE * _tie_break(_check_pop(pop, num_items))
+    ctx = torch.zeros(len(histories), left.shape[1], dtype=torch.float64)
+    for i, hist in enumerate(histories):
+        idx = _check_seq(hist, num_items, f"history {i}")
+        tail = idx[-last:] if last > 0 else []
+        if tail:
+            ctx[i] = left[torch.tensor(tail, dtype=torch.long)].sum(0)
+    return ctx @ right.T + tie
 
 
 def popularity_scores(n: int, pop: Tensor) -> Tensor:

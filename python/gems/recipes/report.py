@@ -20,6 +20,7 @@ HEADLINE = ("rec/ndcg@10", "rec/hr@10", "search/ndcg@10", "search/hr@10")
 SAMPLED = ("rec/sampled/ndcg@10", "search/sampled/ndcg@10")
 BASELINE_ABOUT = {"popularity": "most interacted items of the training split",
                   "transition": "next-item counts from the last 3 history items (+ popularity tie-break)",
+                  "factors": "low-rank PPMI factors of the transition counts (--collab-dim; what the item tokens carry) summed over the last 3 history items",
                   "lexical": "TF-IDF match of the query to title, genres, year (search only)",
                   "base": "the starting LLM (item tokens added, no training) scored through the starting item head, "
                           "i.e. its tied item logits plus the popularity prior"}
@@ -121,7 +122,7 @@ def _verdict(report: dict[str, Any], rows: list[dict[str, Any]], cis: list[dict[
     for task in ("rec", "search"):
         key = f"{task}/ndcg@10"
         best = max(llm, key=lambda r: r[key][0])
-        refs = [n for n in (("popularity", "transition") if task == "rec" else ("popularity", "lexical")) if n in by]
+        refs = [n for n in (("popularity", "transition", "factors") if task == "rec" else ("popularity", "lexical")) if n in by]
         comp = ", ".join(f"{n} {by[n][key][0]:.4f}" for n in refs)
         above = [n for n in refs if best[key][0] > by[n][key][0]]
         lines.append(f"{task}: the best LLM method is {best['method']} (NDCG@10 {best[key][0]:.4f}); {comp}; "

@@ -525,22 +525,25 @@ class Evaluator:
 
 
 def baseline_ranks(prep: Prepared, sets: dict[str, EvalSet]) -> dict[str, dict[str, dict[str, list[int]]]]:
-    """Non-LLM baselines on ``sets``: popularity, item transitions (last 3 items), lexical search."""
+    """Non-LLM baselines on ``sets``: popularity, item transitions (last 3 items), the transition factors the
+    item tokens carry (when ``item_init == "collab"``), lexical search."""
     data, loo, idx = prep.data, prep.loo, prep.data.item_index
     n_items = len(data.items)
     train = {u: [idx[i] for i in s] for u, s in loo.train.items()}
     pop = B.popularity(train, n_items)
     counts = B.transition_counts(train, n_items)
     texts = [B.item_text(it.display_title, it.genres, it.year) for it in data.items.values()]
-    out: dict[str, dict[str, dict[str, list[int]]]] = {"popularity": {}, "transition": {}, "lexical": {}}
+    out: dict[str, dict[str, dict[str, list[int]]]] = {}
     for task, s in sets.items():
         scores = {"popularity": B.popularity_scores(s.n, pop),
                   "transition": B.transition_scores(s.histories, counts, pop, last=3)}
+        if prep.factors is not None:
+            scores["factors"] = B.factor_scores(s.histories, *prep.factors, pop, last=3)
         if task == "search":
             scores["lexical"] = B.lexical_scores(s.queries, texts, pop)
         for name, sc in scores.items():
             full, sampled = E.example_ranks(sc, s.targets, seen=s.seen, candidates=s.cands)
-            out[name][task] = {"full": full.tolist(), "sampled": sampled.tolist()}
+            out.setdefault(name, {})[task] = {"full": full.tolist(), "sampled": sampled.tolist()}
     return out
 
 

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from gems.recipes.collab import inject_factors, transition_factors
+from gems.recipes.collab import energy_directions, inject_factors, transition_factors
 from gems.recipes.model import BilinearItemHead
 
 # item 0 -> 1 always, 2 -> 3 always, item 4 only ever last (never followed), item 5 never seen
@@ -77,3 +77,36 @@ def test_bilinear_head_standardises_its_input_and_maps_hidden_to_item_dim():
     for bad in (dict(scale=torch.zeros(8)), dict(center=torch.ones(7)), dict(scale=torch.full((8,), float("nan")))):
         with pytest.raises(ValueError, match="must be 8 finite values"):
             BilinearItemHead(items, prior, hidden_size=8, **bad)
+
+
+def test_energy_directions_hold_the_asked_share_of_the_energy():
+    g = torch.Generator().manual_seed(0)
+    basis = torch.linalg.qr(torch.randn(12, 12, generator=g))[0]
+    # energies 100, 10, 1, 0.1, ... along known orthonormal directions
+    h = torch.randn(400, 12, generator=g) * (10.0 ** -torch.arange(12.0) * 10) @ basis.T
+    e = (h.double().T @ h.double()).trace()
+    for energy in (0.5, 0.95, 0.999):
+        d = energy_directions(h, energy).double()
+        share = float(((h.double() @ d) ** 2).sum() / e)
+        assert share >= energy
+        fewer = d[:, :-1]                                    # one direction fewer would not be enough
+        assert float(((h.double() @ fewer) ** 2).sum() / e) < energy
+        torch.testing.assert_close(d.T @ d, torch.eye(d.shape[1], dtype=torch.float64), atol=1e-6, rtol=0)
+    assert energy_directions(h, 0.0).shape == (12, 0)
+    with pytest.raises(ValueError, match="energy must be in"):
+        energy_directions(h, 1.0)
+    with pytest.raises(ValueError, match="finite"):
+        energy_directions(torch.full((3, 4), float("nan")), 0.5)
+
+
+def test_injection_stays_orthogonal_to_the_avoided_directions():
+    g = torch.Generator().manual_seed(0)
+    rows, f = torch.randn(10, 16, generator=g), torch.randn(10, 4, generator=g)
+    avoid = torch.randn(16, 9, generator=g)                 # any spanning set: orthonormalised inside
+    part = inject_factors(rows, f, 1.0, seed=3, avoid=avoid) - rows
+    torch.testing.assert_close(avoid.T @ part.T, torch.zeros(9, 10), atol=1e-4, rtol=0)
+    assert (avoid.T @ (inject_factors(rows, f, 1.0, seed=3) - rows).T).abs().max() > 0.1   # without: it is not
+    k = (part @ part.T)[0, 0] / (f @ f.T)[0, 0]             # geometry kept as without avoid
+    torch.testing.assert_close(part @ part.T, k * (f @ f.T), atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="k \\+ dim <= hidden"):
+        inject_factors(rows, f, 1.0, avoid=torch.randn(16, 13, generator=g))

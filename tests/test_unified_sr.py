@@ -370,7 +370,7 @@ def test_item_start_and_heads_are_wired_from_the_training_split(tmp_path, item_i
     """Item tokens = title means (+ the injected left factors), the search head starts at the title means, the
     rec head scores against the right factors with the start's hidden statistics and trains at its own lr."""
     from gems.recipes import data as D
-    from gems.recipes.collab import inject_factors, transition_factors
+    from gems.recipes.collab import energy_directions, inject_factors, transition_factors
     from gems.recipes.methods import Hyper, build_method
 
     _synthetic(tmp_path)
@@ -395,8 +395,18 @@ def test_item_start_and_heads_are_wired_from_the_training_split(tmp_path, item_i
         want = transition_factors({u: [idx[i] for i in s] for u, s in prep.loo.train.items()}, len(data.items), 6)
         for got, w in zip(prep.factors, want):
             torch.testing.assert_close(got, w)
-        torch.testing.assert_close(rows, inject_factors(titles, want[0], 0.7, seed=cfg.data_seed))
+        torch.testing.assert_close(rows, inject_factors(titles, want[0], 0.7, seed=cfg.data_seed, avoid=prep.avoid))
         assert not torch.allclose(rows, titles)
+        # the injected part stays out of the directions holding 99 % of the general text's final hidden
+        # energy (at most hidden - dim of them), so the tied LM head's logits on that text barely move
+        texts = U._general_texts("calibration", cfg)[:cfg.calib_texts]
+        h = U._final_hidden(model, U._general_batches(tok, texts, cfg, False), cfg)
+        k = min(energy_directions(h, 0.99).shape[1], 16 - 6)
+        assert prep.avoid.shape == (16, k) and k >= 1
+        part = rows - titles
+        torch.testing.assert_close(prep.avoid.T @ part.T, torch.zeros(k, 6), atol=1e-5, rtol=0)
+        plain = inject_factors(titles, want[0], 0.7, seed=cfg.data_seed) - titles
+        assert (h @ part.T).norm() < (h @ plain.T).norm()
     # a second fresh model gets the same start (every method starts from it)
     again, _, _ = U.load_fresh(cfg, data.titles())
     U.init_items(again, prep, cfg)

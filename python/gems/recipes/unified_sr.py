@@ -96,6 +96,7 @@ class Config:
     item_init: str = "collab"                # title: item tokens start at their title's mean embedding; collab: + factors
     collab_dim: int = 64                     # rank of the training split's next-item PPMI factorisation (gems.recipes.collab)
     collab_weight: float = 1.0               # injected factor norm / title-mean norm
+    collab_avoid: float = 0.99               # inject outside the directions holding this share of general-text final-hidden energy
     head_stats: int = 128                    # training windows whose hidden states standardise the rec head's input
     head_init: float = 1.0                   # the search head's W starts at head_init × the item rows
     rec_head: str = "bilinear"               # bilinear: h·A·e_j + prior, A = 0 at the start; rows: an ItemHead
@@ -185,7 +186,7 @@ def _ints(text: str) -> tuple[int, ...]:
     return tuple(dict.fromkeys(vals))
 
 
-_OVERRIDABLE = ("steps", "rec_batch", "search_batch", "window", "search_history", "item_lr", "head_lr", "rec_head_lr", "item_init", "collab_dim", "collab_weight",
+_OVERRIDABLE = ("steps", "rec_batch", "search_batch", "window", "search_history", "item_lr", "head_lr", "rec_head_lr", "item_init", "collab_dim", "collab_weight", "collab_avoid",
                 "head_stats", "head_init", "rec_head", "rec_head_init", "moments", "item_scores", "weight_decay", "warmup",
                 "rank", "task_rank", "gap", "lora_r", "refresh", "val_users", "val_points", "num_negatives",
                 "ns_threshold", "ns_mode", "calib_texts", "ppl_texts", "cloze_items", "text_length", "eval_batch_size",
@@ -244,6 +245,8 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         p.error("--item-init must be title or collab")
     if cfg.collab_dim < 1 or cfg.collab_weight < 0 or cfg.head_stats < 1 or cfg.rec_head_lr <= 0:
         p.error("--collab-dim and --head-stats must be >= 1, --collab-weight >= 0 and --rec-head-lr > 0")
+    if not 0 <= cfg.collab_avoid < 1:
+        p.error("--collab-avoid must be in [0, 1)")
     if cfg.rec_head not in ("bilinear", "rows"):
         p.error("--rec-head must be bilinear or rows")
     if cfg.moments not in ("fp32", "8bit"):
@@ -305,6 +308,7 @@ class Prepared:
     factors: "tuple[torch.Tensor, torch.Tensor] | None"  # (left, right) collaborative item vectors, or None
     title_rows: "torch.Tensor | None" = None             # the item tokens' title-mean rows (set by init_items)
     hidden_stats: "tuple[torch.Tensor, torch.Tensor] | None" = None  # (mean, std) of the start's hidden states
+    avoid: "torch.Tensor | None" = None                 # hidden × k directions the injection stays out of
     _search_cache: dict[int, TrainRow] = field(default_factory=dict)
 
     def search_row(self, k: int) -> TrainRow:
@@ -431,12 +435,18 @@ def init_items(model: Any, prep: Prepared, cfg: Config) -> None:
     if prep.title_rows is None:
         prep.title_rows = emb[ids].detach().float().cpu().clone()
     if prep.factors is not None:
-        from gems.recipes.collab import inject_factors
+        from gems.recipes.collab import energy_directions, inject_factors
 
         if prep.factors[0].shape[1] > emb.shape[1]:  # a model narrower than the factors: keep the leading ones
             prep.factors = tuple(f[:, :emb.shape[1]] for f in prep.factors)
-
-        rows = inject_factors(prep.title_rows, prep.factors[0], cfg.collab_weight, seed=cfg.data_seed)
+        if prep.avoid is None:
+            # the general-text calibration texts (those the null space is calibrated on), seen by the start
+            texts = _general_texts("calibration", cfg)[:cfg.calib_texts]
+            d = energy_directions(_final_hidden(model, _general_batches(prep.prompts.tokenizer, texts, cfg, False), cfg),
+                                  cfg.collab_avoid)
+            prep.avoid = d[:, :emb.shape[1] - prep.factors[0].shape[1]]
+        rows = inject_factors(prep.title_rows, prep.factors[0], cfg.collab_weight, seed=cfg.data_seed,
+                              avoid=prep.avoid)
         emb[ids] = rows.to(emb.device, emb.dtype)
     if prep.hidden_stats is None:
         prep.hidden_stats = _hidden_stats(model, prep, cfg)
@@ -448,16 +458,24 @@ def _hidden_stats(model: Any, prep: Prepared, cfg: Config) -> tuple[torch.Tensor
     training windows (the starting model; what the rec head standardises with)."""
     rng = random.Random(f"gems-head-stats-{cfg.data_seed}")
     rows = [prep.rec_rows[k].ids for k in rng.sample(range(len(prep.rec_rows)), min(cfg.head_stats, len(prep.rec_rows)))]
-    was = model.training
+    pad = _pad_id(prep.prompts.tokenizer)
+    batches = [E.collate_left(rows[k:k + cfg.eval_batch_size], pad, device=cfg.device)
+               for k in range(0, len(rows), cfg.eval_batch_size)]
+    h = _final_hidden(model, batches, cfg)
+    return h.mean(0), h.std(0).clamp_min(1e-6)
+
+
+@torch.no_grad()
+def _final_hidden(model: Any, batches: Sequence[dict[str, torch.Tensor]], cfg: Config) -> torch.Tensor:
+    """The final hidden state (what the heads and the tied LM head read) at every unpadded position, fp32 CPU."""
+    was, hs = model.training, []
     model.eval()
-    pad, hs = _pad_id(prep.prompts.tokenizer), []
-    for k in range(0, len(rows), cfg.eval_batch_size):
-        batch = E.collate_left(rows[k:k + cfg.eval_batch_size], pad, device=cfg.device)
+    for batch in batches:
+        batch = {k: v.to(cfg.device) for k, v in batch.items() if k != "labels"}  # left padding keeps position_ids
         h = model.get_decoder()(**batch, use_cache=False).last_hidden_state.float()
         hs.append(h[batch["attention_mask"].bool()].cpu())
     model.train(was)
-    h = torch.cat(hs)
-    return h.mean(0), h.std(0).clamp_min(1e-6)
+    return torch.cat(hs)
 
 
 def _pad_id(tokenizer: Any) -> int:

@@ -375,7 +375,7 @@ class BilinearItemHead(torch.nn.Module):
         self.bias = _prior_bias(log_prior, n)
         # Standardising h: the LM's final hidden state has a few massive dimensions (SmolLM2: one with mean
         # |h| 45 against a median 0.6), and Adam moves every entry of A by ~lr, so without it those dimensions
-        # swamp the scores after a few steps (head on frozen features: NDCG@10 0.056 raw, 0.066 standardised).
+        # swamp the scores after a few steps (pilot, head on frozen features: rec NDCG@10 0.056 raw, 0.066 standardised).
         for name, v, fill in (("center", center, 0.0), ("scale", scale, 1.0)):
             t = torch.full((hidden,), fill) if v is None else torch.as_tensor(v, dtype=torch.float32).detach().clone()
             if t.shape != (hidden,) or not bool(torch.isfinite(t).all()) or (name == "scale" and not bool((t > 0).all())):

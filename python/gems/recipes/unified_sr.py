@@ -92,10 +92,11 @@ class Config:
     search_history: int = 3
     item_lr: float = 3e-3
     head_lr: float = 3e-5                    # the search head; 3e-4 scored lower on validation (0.137 vs 0.155, adamw pilot)
-    rec_head_lr: float = 1e-3                # the rec head's map A (starts at 0, so it must move to matter)
+    rec_head_lr: float = 1e-3                # the rec head's map A (starts at 0); 3e-3 tied on validation (0.2138 vs 0.2144)
     item_init: str = "collab"                # title: item tokens start at their title's mean embedding; collab: + factors
+                                             # (validation rec 0.085 vs 0.007 with titles: gems.recipes.collab)
     collab_dim: int = 64                     # rank of the training split's next-item PPMI factorisation (gems.recipes.collab)
-    collab_weight: float = 1.0               # injected factor norm / title-mean norm
+    collab_weight: float = 1.0               # injected factor norm / title-mean norm (2: validation rec 0.056, ppl 86)
     collab_avoid: float = 0.99               # inject outside the directions holding this share of general-text final-hidden energy
     head_stats: int = 128                    # training windows whose hidden states standardise the rec head's input
     head_init: float = 1.0                   # the search head's W starts at head_init × the item rows

@@ -166,7 +166,8 @@ def test_cli_presets_and_overrides():
     assert U.parse_args(["--lr-grid", "1e-4,1e-4,3e-4"]).lr_grid == (1e-4, 3e-4)
     for bad in (["--methods", "sgd"], ["--interactions", "a.csv"], ["--lr-grid", "0"], ["--steps", "0"],
                 ["--refresh", "qr"], ["--ns-mode", "x"], ["--num-negatives", "0"], ["--warmup", "1.5"],
-                ["--head-lr", "0"], ["--item-scores", "x"]):
+                ["--head-lr", "0"], ["--item-scores", "x"], ["--item-init", "random"], ["--collab-dim", "0"],
+                ["--collab-weight", "-1"], ["--collab-avoid", "1"], ["--rec-head-lr", "0"], ["--head-stats", "0"]):
         with pytest.raises(SystemExit):
             U.parse_args(bad)
 

@@ -342,7 +342,9 @@ def test_target_embeddings_split_by_rows(tied, stash):
         for t in TASKS:
             if id(w1.param) in s1.grads[t]:
                 g = s2.grads[t][id(w2.param)]
-                torch.testing.assert_close(g, s1.grads[t][id(w1.param)], rtol=1e-4, atol=1e-6)
+                # atol 1e-5: by step 3 the two runs' fp32 reduction orders differ by up to 3e-6 on Intel CPUs
+                # (mean |entry| ~2e-2); a wrong row split, scale or sign is off by the entries themselves
+                torch.testing.assert_close(g, s1.grads[t][id(w1.param)], rtol=1e-4, atol=1e-5)
                 if not tied:  # the padding row (tied: the LM head's logit of token 0 still has a gradient)
                     assert float(g[0].abs().max()) == 0.0
             if id(w1.param) in s1.coords[t]:

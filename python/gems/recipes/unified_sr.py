@@ -429,8 +429,9 @@ def load_fresh(cfg: Config, titles: list[str]) -> tuple[Any, Any, list[int]]:
 @torch.no_grad()
 def init_items(model: Any, prep: Prepared, cfg: Config) -> None:
     """Give a freshly loaded model's item tokens the recipe's start (the same for every method): the title
-    means, plus the collaborative left factors when ``item_init == "collab"``. The first call also records
-    the title rows (the search head starts there) and the standardisation of the rec head's input."""
+    means, plus the collaborative left factors when ``item_init == "collab"`` (outside the directions of the
+    general text's final hidden states, docs/design_notes.md §16). The first call also records the title
+    rows (the search head starts there), those directions and the standardisation of the rec head's input."""
     emb = model.get_input_embeddings().weight
     ids = torch.as_tensor(prep.prompts.item_tokens, device=emb.device)
     if prep.title_rows is None:
